@@ -1,0 +1,1 @@
+"""The pgfeed command-line front end (click). The library never imports it."""

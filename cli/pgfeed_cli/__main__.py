@@ -1,0 +1,3 @@
+from pgfeed_cli.main import main
+
+main()

@@ -1,0 +1,455 @@
+"""The ``pgfeed`` command: parse, call the library, format. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+import psycopg
+import structlog
+
+from pgfeed import admin, connect, migrator
+from pgfeed.core.names import STREAM_NAME_RULE, check_stream_name, parse_column_list, parse_qualified_table
+from pgfeed.errors import PgfeedError, StreamExists, UsageError, translate
+from pgfeed.reader import AsyncReader, Row
+from pgfeed.writer import append, append_many
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def configure_logging(verbose: int, debug: bool) -> None:
+    """Human-readable logs on a terminal, JSON lines otherwise; to stderr."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    renderer: Any = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class Context:
+    """What the global options decided; opens connections on demand."""
+
+    def __init__(self, dsn: str | None, debug: bool) -> None:
+        self.dsn_option = dsn
+        self.debug = debug
+        self._target: connect.Target | None = None
+
+    @property
+    def conninfo(self) -> str:
+        if self._target is None:
+            self._target = connect.resolve(self.dsn_option)
+        return self._target.conninfo
+
+    @contextmanager
+    def conn(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        c = connect.connect(self.conninfo, doing=doing)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"pgfeed: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """One line and a non-zero exit for anything the user can fix; a traceback only with --debug."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_object(Context) and ctx.find_object(Context).debug)  # type: ignore[union-attr]
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            if debug:
+                raise
+            fail(str(exc), 2)
+        except PgfeedError as exc:
+            if debug:
+                raise
+            fail(str(exc))
+        except psycopg.Error as exc:
+            if debug:
+                raise
+            fail(str(translate(exc, ctx.command_path)))
+
+    return wrapper  # type: ignore[return-value]
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGFEED"})
+@click.option("--dsn", metavar="DSN", help="PostgreSQL connection string (default: $PGFEED_DSN, libpq env, embedded).")
+@click.option("-v", "--verbose", count=True, help="Log what happens (to stderr).")
+@click.option("--debug", is_flag=True, help="Debug logs, and tracebacks on errors.")
+@click.version_option(package_name="pgfeed")
+@click.pass_context
+def cli(ctx: click.Context, dsn: str | None, verbose: int, debug: bool) -> None:
+    """pgfeed: a gap-free, ordered change feed on PostgreSQL."""
+    configure_logging(verbose, debug)
+    ctx.obj = Context(dsn, debug)
+
+
+# -- migrate --------------------------------------------------------------
+@cli.group(invoke_without_command=True)
+@click.option("--dry-run", is_flag=True, help="Print the SQL that would run; change nothing.")
+@click.option("--status", "show_status", is_flag=True, help="List applied and pending versions.")
+@click.pass_context
+@user_errors
+def migrate(ctx: click.Context, dry_run: bool, show_status: bool) -> None:
+    """Install or upgrade the pgfeed schema (safe to run concurrently)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    obj: Context = ctx.obj
+    if show_status:
+        _print_status(obj)
+        return
+    with obj.conn("migrating") as conn:
+        done = migrator.migrate(conn, dry_run=dry_run)
+    if dry_run:
+        if not done:
+            click.echo("-- nothing to apply: the schema is up to date")
+        for m in done:
+            click.echo(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}")
+        return
+    for m in done:
+        click.echo(f"applied {m.version:04d}_{m.name}")
+    if not done:
+        click.echo("up to date", err=True)
+
+
+@migrate.command("status")
+@pass_ctx
+@user_errors
+def migrate_status(obj: Context) -> None:
+    """List applied and pending versions."""
+    _print_status(obj)
+
+
+def _print_status(obj: Context) -> None:
+    with obj.conn("reading the schema version") as conn:
+        st = migrator.status(conn)
+    for version, name, applied_at in st.applied:
+        click.echo(f"applied  {version:04d}_{name}  {applied_at}")
+    for m in st.pending:
+        click.echo(f"pending  {m.version:04d}_{m.name}")
+
+
+# -- streams ---------------------------------------------------------------
+@cli.group()
+def stream() -> None:
+    """Create, list and drop streams."""
+
+
+@stream.command("create")
+@click.argument("name")
+@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=admin.DEFAULT_MAX_PAYLOAD, show_default=True)
+@click.option(
+    "--notify",
+    "notify_mode",
+    type=click.Choice(admin.NOTIFY_MODES),
+    default="immediate",
+    show_default=True,
+    help="immediate: NOTIFY at each commit; poll: readers rely on polling (no NOTIFY on the write path).",
+)
+@pass_ctx
+@user_errors
+def stream_create(obj: Context, name: str, max_payload_bytes: int, notify_mode: str) -> None:
+    """Create stream NAME."""
+    check_stream_name(name)
+    with obj.conn("creating a stream") as conn:
+        try:
+            admin.create_stream(conn, name, max_payload_bytes=max_payload_bytes, notify_mode=notify_mode)  # type: ignore[arg-type]
+        except StreamExists as exc:
+            click.echo(f"pgfeed: {exc}", err=True)
+            return
+    click.echo(f"created stream {name}")
+
+
+@stream.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+@pass_ctx
+@user_errors
+def stream_list(obj: Context, as_json: bool) -> None:
+    """List streams: name, rows, head position, notify mode."""
+    with obj.conn("listing streams") as conn:
+        infos = admin.list_streams(conn)
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    header = ("NAME", "ROWS", "HEAD", "NOTIFY", "MAX_PAYLOAD", "LAST_APPEND")
+    lines = [header] + [
+        (i.name, str(i.rows), i.head, i.notify_mode, str(i.max_payload_bytes), i.last_append or "-") for i in infos
+    ]
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+@stream.command("drop")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Really drop the stream and all its rows.")
+@pass_ctx
+@user_errors
+def stream_drop(obj: Context, name: str, yes: bool) -> None:
+    """Drop stream NAME and all its rows (needs --yes)."""
+    check_stream_name(name)
+    if not yes:
+        raise UsageError(f"dropping stream {name!r} deletes all its rows: repeat with --yes to confirm")
+    with obj.conn("dropping a stream") as conn:
+        admin.drop_stream(conn, name)
+    click.echo(f"dropped stream {name}")
+
+
+# -- append ------------------------------------------------------------------
+@cli.command("append")
+@click.argument("stream_name", metavar="STREAM")
+@click.argument("payload", metavar="JSON|-")
+@click.option("--key", default=None, help="Optional key stored with the row.")
+@click.option(
+    "--batch",
+    "batch_size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With -: lines per transaction.",
+)
+@pass_ctx
+@user_errors
+def append_cmd(obj: Context, stream_name: str, payload: str, key: str | None, batch_size: int) -> None:
+    """Append one JSON value to STREAM, or JSON lines from stdin with -.
+
+    With -, each transaction holds --batch lines (default 1). An invalid line
+    stops the command with its line number; transactions already committed
+    stay, and nothing of the invalid line's transaction is written.
+    """
+    check_stream_name(stream_name)
+    with obj.conn("appending") as conn:
+        if payload != "-":
+            value = _parse_json(payload, "argument")
+            with conn.transaction():
+                seq = append(conn, stream_name, value, key)
+            click.echo(f"appended seq {seq}")
+            return
+        total = 0
+        pending: list[Any] = []
+        for lineno, line in enumerate(sys.stdin, start=1):
+            if not line.strip():
+                continue
+            pending.append(_parse_json(line, f"line {lineno}"))
+            if len(pending) >= batch_size:
+                total += _flush(conn, stream_name, pending, key)
+        total += _flush(conn, stream_name, pending, key)
+        click.echo(f"appended {total} rows")
+
+
+def _flush(conn: psycopg.Connection[Any], stream_name: str, pending: list[Any], key: str | None) -> int:
+    if not pending:
+        return 0
+    with conn.transaction():
+        n = int(append_many(conn, stream_name, pending, [key] * len(pending) if key else None))
+    pending.clear()
+    return n
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"invalid JSON on {where}: {exc.msg} at column {exc.colno}") from None
+
+
+# -- capture ------------------------------------------------------------------
+@cli.command("capture")
+@click.argument("table")
+@click.option("--stream", "stream_name", required=True, help="Stream the changes go to.")
+@click.option("--columns", default=None, help="Comma-separated columns to include (default: all).")
+@click.option("--ops", default="insert,update,delete", show_default=True, help="Operations to capture.")
+@click.option("--key", "key_columns", default=None, help="Key columns, for tables without a primary key.")
+@pass_ctx
+@user_errors
+def capture_cmd(
+    obj: Context, table: str, stream_name: str, columns: str | None, ops: str, key_columns: str | None
+) -> None:
+    """Capture row changes of SCHEMA.TABLE into a stream (row triggers)."""
+    schema, name = parse_qualified_table(table)
+    check_stream_name(stream_name)
+    ops_list = [o.strip().lower() for o in ops.split(",") if o.strip()]
+    with obj.conn("installing capture") as conn:
+        key = admin.capture(
+            conn,
+            schema,
+            name,
+            stream_name,
+            columns=parse_column_list(columns),
+            key=parse_column_list(key_columns),
+            ops=ops_list,
+        )
+    click.echo(f"capturing {schema}.{name} into {stream_name} (key: {', '.join(key)})")
+
+
+@cli.command("uncapture")
+@click.argument("table")
+@click.option("--stream", "stream_name", required=True)
+@pass_ctx
+@user_errors
+def uncapture_cmd(obj: Context, table: str, stream_name: str) -> None:
+    """Remove the capture of SCHEMA.TABLE into a stream."""
+    schema, name = parse_qualified_table(table)
+    with obj.conn("removing capture") as conn:
+        found = admin.uncapture(conn, schema, name, stream_name)
+    click.echo(f"{'removed' if found else 'there was no'} capture of {schema}.{name} into {stream_name}")
+
+
+# -- grants -------------------------------------------------------------------
+@cli.group()
+def grant() -> None:
+    """Give a role the least privileges to write or read."""
+
+
+@grant.command("writer")
+@click.argument("role")
+@click.option(
+    "--stream", "streams", multiple=True, help="Only these streams (repeatable; default: all, present and future)."
+)
+@pass_ctx
+@user_errors
+def grant_writer_cmd(obj: Context, role: str, streams: tuple[str, ...]) -> None:
+    """Let ROLE append (and nothing else)."""
+    with obj.conn("granting") as conn:
+        admin.grant_writer(conn, role, list(streams) or None)
+    click.echo(f"{role} may append to {', '.join(streams) if streams else 'all streams'}")
+
+
+@grant.command("reader")
+@click.argument("role")
+@pass_ctx
+@user_errors
+def grant_reader_cmd(obj: Context, role: str) -> None:
+    """Let ROLE read every stream and keep its own positions."""
+    with obj.conn("granting") as conn:
+        admin.grant_reader(conn, role)
+    click.echo(f"{role} may read all streams")
+
+
+# -- tail ---------------------------------------------------------------------
+@cli.command("tail")
+@click.argument("stream_name", metavar="STREAM")
+@click.option("--from", "since", default="earliest", show_default=True, help="earliest, now, or a position token.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep following after catching up.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "pretty"]), default="jsonl", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N rows.")
+@pass_ctx
+@user_errors
+def tail(obj: Context, stream_name: str, since: str, follow: bool, fmt: str, limit: int | None) -> None:
+    """Print the rows of STREAM in order; with --follow, then new ones as they commit.
+
+    Ctrl-C or SIGTERM stop it cleanly (exit 0).
+    """
+    check_stream_name(stream_name)
+    if since not in ("earliest", "now"):
+        from pgfeed.core.positions import Position
+
+        Position.parse(since)
+    conninfo = obj.conninfo
+    with suppress(BrokenPipeError):
+        asyncio.run(_tail(conninfo, stream_name, since, follow, fmt, limit))
+    _quiet_stdout_close()
+
+
+def _format_row(row: Row, fmt: str) -> str:
+    if fmt == "jsonl":
+        return json.dumps(
+            {
+                "stream": row.stream,
+                "position": row.token,
+                "created_at": row.created_at.isoformat(),
+                "key": row.key,
+                "payload": row.payload,
+            },
+            separators=(",", ":"),
+        )
+    stamp = row.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    key = f" [{row.key}]" if row.key is not None else ""
+    return f"{stamp}  {row.stream}@{row.token}{key}  {json.dumps(row.payload)}"
+
+
+async def _tail(conninfo: str, stream_name: str, since: str, follow: bool, fmt: str, limit: int | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    out = sys.stdout
+    count = 0
+    async with AsyncReader(conninfo) as reader:
+        sub = await reader.subscribe(stream_name, since, until=None if follow else "now")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(sub.__anext__())
+                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                try:
+                    batch = nxt.result()
+                except StopAsyncIteration:
+                    break
+                for row in batch.rows:
+                    out.write(_format_row(row, fmt) + "\n")
+                    count += 1
+                    if limit is not None and count >= limit:
+                        out.flush()
+                        return
+                out.flush()
+        finally:
+            stopper.cancel()
+
+
+def _quiet_stdout_close() -> None:
+    """After a closed pipe (``| head``), keep Python from complaining at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+@cli.command("demo")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=20.0, show_default=True, help="Rows per second.")
+@pass_ctx
+@user_errors
+def demo(obj: Context, duration: float | None, rate: float) -> None:
+    """A writer and two reader processes on one stream, live, until Ctrl-C."""
+    from pgfeed_cli.demo import run_demo
+
+    run_demo(obj.conninfo, duration=duration, rate=rate)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="pgfeed")
+
+
+__all__ = ["STREAM_NAME_RULE", "cli", "main"]

@@ -1,0 +1,267 @@
+-- pgfeed 0001: streams, events, ticks, writer and reader functions.
+--
+-- Correctness argument (docs/design.md has it in full): every event row records
+-- the id of the transaction that wrote it (xid8). Readers never order rows by a
+-- value allocated before commit. Instead a "tick" records pg_current_snapshot()
+-- under a lock; ticks are numbered in the order they were taken, and each
+-- tick's snapshot sees everything the previous one saw. The rows of interval
+-- (a, b] are exactly those whose xid is visible in tick b and not in tick a.
+-- Everything a reader delivers is derived from durable ticks, so every process
+-- cuts every stream at the same places and a position token means the same
+-- prefix everywhere.
+--
+-- Names that running readers and writers call carry the _v1 suffix; a later
+-- migration adds _v2 beside them so processes of the previous release keep
+-- working during a rolling upgrade. pgfeed.append is the stable alias meant for
+-- hand-written SQL and triggers.
+
+CREATE TABLE pgfeed.ticks (
+    id       bigint PRIMARY KEY,
+    snap     pg_snapshot NOT NULL,
+    taken_at timestamptz NOT NULL
+);
+COMMENT ON TABLE pgfeed.ticks IS
+    'Numbered transaction snapshots; interval (a, b] of a stream holds the rows whose xid is visible in tick b but not in tick a.';
+
+CREATE TABLE pgfeed.streams (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name              text NOT NULL UNIQUE CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    created_tick      bigint NOT NULL,
+    max_payload_bytes integer NOT NULL DEFAULT 1048576 CHECK (max_payload_bytes > 0),
+    notify_mode       text NOT NULL DEFAULT 'immediate' CHECK (notify_mode IN ('immediate', 'poll')),
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON COLUMN pgfeed.streams.created_tick IS
+    'Tick taken by the transaction that created this incarnation; a position older than it belongs to a dropped stream.';
+
+CREATE SEQUENCE pgfeed.event_seq;
+
+-- One partition per stream (events_<stream id>): a stream is dropped in O(1),
+-- privileges are granted per stream, and a range read touches one partition.
+CREATE TABLE pgfeed.events (
+    stream_id  bigint NOT NULL,
+    seq        bigint NOT NULL DEFAULT nextval('pgfeed.event_seq'),
+    xid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    key        text,
+    payload    jsonb NOT NULL
+) PARTITION BY LIST (stream_id);
+CREATE INDEX events_xid_seq ON pgfeed.events (xid, seq);
+
+-- Which roles pgfeed grant gave what, so that streams created later inherit
+-- "all streams" grants.
+CREATE TABLE pgfeed.role_grants (
+    role_name  name NOT NULL,
+    kind       text NOT NULL CHECK (kind IN ('writer', 'reader')),
+    stream_id  bigint REFERENCES pgfeed.streams (id) ON DELETE CASCADE
+);
+CREATE UNIQUE INDEX role_grants_once ON pgfeed.role_grants (role_name, kind, coalesce(stream_id, 0));
+
+-- Saved reader positions. Each role sees and changes only its own rows.
+CREATE TABLE pgfeed.positions (
+    owner      name NOT NULL DEFAULT current_user,
+    consumer   text NOT NULL,
+    stream     text NOT NULL,
+    token      text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (owner, consumer, stream)
+);
+ALTER TABLE pgfeed.positions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY positions_own ON pgfeed.positions
+    USING (owner = current_user) WITH CHECK (owner = current_user);
+
+-- Tick creation. Serialised by a transaction-level advisory lock so that tick
+-- ids follow the order in which snapshots were taken: tick n+1's snapshot is
+-- taken after tick n committed, hence sees a superset of it.
+CREATE FUNCTION pgfeed._take_tick_v1() RETURNS TABLE (id bigint, snap text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    called_at timestamptz := clock_timestamp();
+    last_id   bigint;
+    last_at   timestamptz;
+    last_snap pg_snapshot;
+    taken     timestamptz;
+    current   pg_snapshot;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7451287230471176193);
+    SELECT t.id, t.taken_at, t.snap INTO last_id, last_at, last_snap
+        FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    -- A tick taken after this call began already covers every commit the caller
+    -- can have been told about: share it instead of writing another.
+    IF last_at IS NOT NULL AND last_at >= called_at THEN
+        RETURN QUERY SELECT last_id, last_snap::text;
+        RETURN;
+    END IF;
+    taken := clock_timestamp();
+    SELECT pg_current_snapshot() INTO current;
+    IF last_snap IS NOT NULL AND last_snap::text = current::text THEN
+        RETURN QUERY SELECT last_id, last_snap::text;
+        RETURN;
+    END IF;
+    INSERT INTO pgfeed.ticks (id, snap, taken_at)
+        VALUES (coalesce(last_id, 0) + 1, current, taken);
+    RETURN QUERY SELECT coalesce(last_id, 0) + 1, current::text;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed._take_tick_v1() FROM PUBLIC;
+
+-- The public tick: readers call it when woken, writers after commit to get a
+-- read-your-writes token. It refuses to run inside a transaction that has
+-- written anything, because the tick lock is then held until that transaction
+-- ends and every reader of every stream would wait for it.
+CREATE FUNCTION pgfeed.tick_v1() RETURNS TABLE (id bigint, snap text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed.tick_v1() must run in a transaction of its own'
+            USING ERRCODE = '25001',
+                  HINT = 'Call it after COMMIT (autocommit), not inside the writing transaction.';
+    END IF;
+    RETURN QUERY SELECT t.id, t.snap FROM pgfeed._take_tick_v1() t;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.tick_v1() FROM PUBLIC;
+
+CREATE FUNCTION pgfeed.create_stream_v1(
+    stream text, max_payload_bytes integer DEFAULT 1048576, notify_mode text DEFAULT 'immediate'
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id    bigint;
+    tick      bigint;
+    part      text;
+    g         record;
+BEGIN
+    IF stream IS NULL OR stream !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'pgfeed: invalid stream name %', coalesce(quote_literal(stream), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'A stream name is 1-63 characters: a lower-case ASCII letter, then lower-case letters, digits or _.';
+    END IF;
+    SELECT t.id INTO tick FROM pgfeed._take_tick_v1() t;
+    INSERT INTO pgfeed.streams (name, created_tick, max_payload_bytes, notify_mode)
+        VALUES (stream, tick, max_payload_bytes, notify_mode) RETURNING id INTO new_id;
+    part := 'events_' || new_id;
+    EXECUTE format('CREATE TABLE pgfeed.%I PARTITION OF pgfeed.events FOR VALUES IN (%s)', part, new_id);
+    EXECUTE format('ALTER TABLE pgfeed.%I ALTER COLUMN stream_id SET DEFAULT %s', part, new_id);
+    FOR g IN SELECT rg.role_name, rg.kind FROM pgfeed.role_grants rg WHERE rg.stream_id IS NULL LOOP
+        IF g.kind = 'writer' THEN
+            EXECUTE format('GRANT INSERT (key, payload) ON pgfeed.%I TO %I', part, g.role_name);
+        END IF;
+    END LOOP;
+    RETURN new_id;
+END $$;
+
+CREATE FUNCTION pgfeed.append_v1(stream text, payload jsonb, key text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    s    record;
+    size integer;
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'pgfeed: payload for stream % is SQL NULL', quote_literal(stream)
+            USING ERRCODE = '22004', HINT = 'Pass any JSON value; JSON null (''null''::jsonb) is accepted.';
+    END IF;
+    SELECT st.id, st.max_payload_bytes, st.notify_mode INTO s
+        FROM pgfeed.streams st WHERE st.name = stream;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgfeed: unknown stream %', coalesce(quote_literal(stream), 'NULL')
+            USING ERRCODE = '42704', HINT = 'Create it with: pgfeed stream create NAME';
+    END IF;
+    size := pg_column_size(payload);
+    IF size > s.max_payload_bytes THEN
+        RAISE EXCEPTION 'pgfeed: payload of % bytes exceeds the limit of % bytes for stream %',
+            size, s.max_payload_bytes, quote_literal(stream)
+            USING ERRCODE = '54000';
+    END IF;
+    EXECUTE format('INSERT INTO pgfeed.%I (key, payload) VALUES ($1, $2)', 'events_' || s.id)
+        USING key, payload;
+    IF s.notify_mode = 'immediate' THEN
+        -- Constant payload: repeats within one transaction fold into one NOTIFY.
+        PERFORM pg_notify('pgfeed_v1_' || s.id, '');
+    END IF;
+    RETURN currval('pgfeed.event_seq');
+END $$;
+
+CREATE FUNCTION pgfeed.append_many_v1(stream text, payloads jsonb[], keys text[] DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    s       record;
+    biggest integer;
+    n       bigint;
+BEGIN
+    IF keys IS NOT NULL AND cardinality(keys) <> cardinality(payloads) THEN
+        RAISE EXCEPTION 'pgfeed: % keys given for % payloads', cardinality(keys), cardinality(payloads)
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT st.id, st.max_payload_bytes, st.notify_mode INTO s
+        FROM pgfeed.streams st WHERE st.name = stream;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgfeed: unknown stream %', coalesce(quote_literal(stream), 'NULL')
+            USING ERRCODE = '42704', HINT = 'Create it with: pgfeed stream create NAME';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(payloads) p WHERE p IS NULL) THEN
+        RAISE EXCEPTION 'pgfeed: a payload for stream % is SQL NULL', quote_literal(stream)
+            USING ERRCODE = '22004', HINT = 'Pass any JSON value; JSON null (''null''::jsonb) is accepted.';
+    END IF;
+    SELECT max(pg_column_size(p)) INTO biggest FROM unnest(payloads) p;
+    IF biggest > s.max_payload_bytes THEN
+        RAISE EXCEPTION 'pgfeed: payload of % bytes exceeds the limit of % bytes for stream %',
+            biggest, s.max_payload_bytes, quote_literal(stream)
+            USING ERRCODE = '54000';
+    END IF;
+    EXECUTE format(
+        'INSERT INTO pgfeed.%I (key, payload) SELECT k, p FROM unnest($1, $2) AS u(p, k)',
+        'events_' || s.id
+    ) USING payloads, coalesce(keys, array_fill(NULL::text, ARRAY[cardinality(payloads)]));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND s.notify_mode = 'immediate' THEN
+        PERFORM pg_notify('pgfeed_v1_' || s.id, '');
+    END IF;
+    RETURN n;
+END $$;
+
+-- Stable aliases for hand-written SQL.
+CREATE FUNCTION pgfeed.append(stream text, payload jsonb, key text DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$ SELECT pgfeed.append_v1(stream, payload, key) $$;
+
+CREATE FUNCTION pgfeed.append_many(stream text, payloads jsonb[], keys text[] DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$ SELECT pgfeed.append_many_v1(stream, payloads, keys) $$;
+
+-- Cache invalidation (Synapse's use case). keys NULL invalidates the whole cache.
+CREATE FUNCTION pgfeed.invalidate_v1(cache_name text, keys text[] DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT pgfeed.append_v1('caches', jsonb_build_object('cache', cache_name, 'keys', to_jsonb(keys)), cache_name)
+$$;
+
+-- Row capture. SECURITY DEFINER so that whoever writes a captured table need
+-- not hold pgfeed privileges; EXECUTE is revoked from PUBLIC, so only the
+-- owner can attach it to a table. Arguments: stream, key columns and captured
+-- columns, each a JSON array of column names ('null' = all columns).
+CREATE FUNCTION pgfeed.capture_v1() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stream   text  := TG_ARGV[0];
+    key_cols jsonb := TG_ARGV[1]::jsonb;
+    cols     jsonb := TG_ARGV[2]::jsonb;
+    rec      jsonb;
+    k        jsonb;
+BEGIN
+    IF TG_OP = 'DELETE' THEN rec := to_jsonb(OLD); ELSE rec := to_jsonb(NEW); END IF;
+    SELECT jsonb_object_agg(c, rec -> c) INTO k FROM jsonb_array_elements_text(key_cols) c;
+    IF jsonb_typeof(cols) = 'array' THEN
+        SELECT coalesce(jsonb_object_agg(c, rec -> c), '{}'::jsonb) INTO rec
+            FROM jsonb_array_elements_text(cols) c;
+    END IF;
+    PERFORM pgfeed.append_v1(
+        stream,
+        jsonb_build_object('op', lower(TG_OP), 'table', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+                           'key', k, 'row', rec),
+        k::text);
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.capture_v1() FROM PUBLIC;
+
+-- The built-in stream that pgfeed.invalidate() appends to.
+SELECT pgfeed.create_stream_v1('caches');
+
+-- Nothing in the pgfeed schema is callable by PUBLIC; `pgfeed grant` hands out
+-- exactly what a writer or reader role needs.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgfeed FROM PUBLIC;

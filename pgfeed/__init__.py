@@ -1,0 +1,48 @@
+"""pgfeed: a change feed on PostgreSQL for Python worker processes.
+
+Write side (inside your own transaction): :func:`append`, :func:`append_many`,
+:func:`invalidate`, then :func:`commit_token` after COMMIT.
+Read side: :class:`AsyncReader` (asyncio) and :class:`Reader` (threads), one
+per process.
+"""
+
+from pgfeed.core.positions import Position
+from pgfeed.errors import (
+    ConnectError,
+    FutureToken,
+    PayloadError,
+    PermissionDenied,
+    PgfeedError,
+    TokenError,
+    UnknownStream,
+    UsageError,
+    WaitTimeout,
+)
+from pgfeed.reader import AsyncReader, Batch, Row, Subscription
+from pgfeed.sync import Reader, SyncSubscription
+from pgfeed.writer import append, append_many, commit_token, invalidate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncReader",
+    "Batch",
+    "ConnectError",
+    "FutureToken",
+    "PayloadError",
+    "PermissionDenied",
+    "PgfeedError",
+    "Position",
+    "Reader",
+    "Row",
+    "Subscription",
+    "SyncSubscription",
+    "TokenError",
+    "UnknownStream",
+    "UsageError",
+    "WaitTimeout",
+    "append",
+    "append_many",
+    "commit_token",
+    "invalidate",
+]

@@ -1,0 +1,289 @@
+"""Stream administration: create, list, drop, grant, capture. Sync, for the CLI
+and for deployment scripts; every identifier goes through ``sql.Identifier``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+
+from pgfeed.core.names import check_stream_name
+from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
+
+Conn = psycopg.Connection[Any]
+NotifyMode = Literal["immediate", "poll"]
+NOTIFY_MODES = ("immediate", "poll")
+DEFAULT_MAX_PAYLOAD = 1_048_576
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One row of ``pgfeed stream list``."""
+
+    name: str
+    id: int
+    rows: int
+    head: str
+    last_append: str | None
+    notify_mode: str
+    max_payload_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _partition(stream_id: int) -> sql.Identifier:
+    return sql.Identifier("pgfeed", f"events_{stream_id}")
+
+
+def stream_id(conn: Conn, name: str) -> int:
+    """The id of stream ``name``; :class:`UnknownStream` if there is none."""
+    check_stream_name(name)
+    try:
+        row = conn.execute("SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, f"looking up stream {name!r}") from None
+    if row is None:
+        raise UnknownStream(f"unknown stream {name!r}: create it with `pgfeed stream create {name}`")
+    return int(row[0])
+
+
+def create_stream(
+    conn: Conn, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, notify_mode: NotifyMode = "immediate"
+) -> int:
+    """Create a stream and return its id; :class:`StreamExists` if it exists (nothing changes)."""
+    check_stream_name(name)
+    if notify_mode not in NOTIFY_MODES:
+        raise UsageError(f"invalid notify mode {notify_mode!r}: expected one of {', '.join(NOTIFY_MODES)}")
+    if not isinstance(max_payload_bytes, int) or max_payload_bytes <= 0:
+        raise UsageError(f"invalid max payload {max_payload_bytes!r}: expected a positive number of bytes")
+    try:
+        with conn.transaction():
+            if conn.execute("SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
+                raise StreamExists(f"stream {name!r} already exists; nothing changed")
+            row = conn.execute(
+                "SELECT pgfeed.create_stream_v1(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
+            ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise StreamExists(f"stream {name!r} already exists; nothing changed") from None
+    except psycopg.Error as exc:
+        raise translate(exc, f"creating stream {name!r}") from None
+    assert row is not None
+    return int(row[0])
+
+
+def list_streams(conn: Conn) -> list[StreamInfo]:
+    """Every stream with its row count, last append time and the current head tick."""
+    try:
+        head_row = conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+        streams = conn.execute(
+            "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
+        ).fetchall()
+        result = []
+        for sid, name, mode, max_bytes in streams:
+            count, last = conn.execute(
+                sql.SQL("SELECT count(*), max(created_at)::text FROM {}").format(_partition(sid))
+            ).fetchone() or (0, None)
+            result.append(StreamInfo(name, sid, int(count), str(head_row[0] if head_row else 0), last, mode, max_bytes))
+        return result
+    except psycopg.Error as exc:
+        raise translate(exc, "listing streams") from None
+
+
+def drop_stream(conn: Conn, name: str) -> None:
+    """Drop a stream and all its rows. Readers following it reset."""
+    sid = stream_id(conn, name)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP TABLE {}").format(_partition(sid)))
+            conn.execute("DELETE FROM pgfeed.streams WHERE id = %s", (sid,))
+    except psycopg.Error as exc:
+        raise translate(exc, f"dropping stream {name!r}") from None
+
+
+def _role_exists(conn: Conn, role: str) -> None:
+    if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+        raise UsageError(f"unknown role {role!r}: create it first (CREATE ROLE ...)")
+
+
+def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> None:
+    """Let ``role`` append to ``streams`` (all streams, present and future, when None).
+
+    A writer may call the append functions and take commit tokens; it cannot
+    read events, create, alter or drop anything.
+    """
+    ids = [stream_id(conn, s) for s in streams] if streams else None
+    r = sql.Identifier(role)
+    try:
+        with conn.transaction():
+            _role_exists(conn, role)
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
+            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams TO {}").format(r))
+            conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE pgfeed.event_seq TO {}").format(r))
+            conn.execute(
+                sql.SQL(
+                    "GRANT EXECUTE ON FUNCTION pgfeed.append_v1(text, jsonb, text),"
+                    " pgfeed.append_many_v1(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),"
+                    " pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v1(text, text[]),"
+                    " pgfeed.tick_v1() TO {}"
+                ).format(r)
+            )
+            targets = (
+                ids
+                if ids is not None
+                else [int(row[0]) for row in conn.execute("SELECT id FROM pgfeed.streams").fetchall()]
+            )
+            for sid in targets:
+                conn.execute(sql.SQL("GRANT INSERT (key, payload) ON {} TO {}").format(_partition(sid), r))
+            for sid_or_all in ids if ids is not None else [None]:
+                conn.execute(
+                    "INSERT INTO pgfeed.role_grants (role_name, kind, stream_id) VALUES (%s, 'writer', %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (role, sid_or_all),
+                )
+    except PgfeedError:
+        raise
+    except psycopg.Error as exc:
+        raise translate(exc, f"granting writer to {role!r}") from None
+
+
+def grant_reader(conn: Conn, role: str) -> None:
+    """Let ``role`` read every stream and keep its own saved positions.
+
+    A reader cannot append, alter or drop; it can take ticks (which only
+    record snapshots) so that it can advance.
+    """
+    r = sql.Identifier(role)
+    try:
+        with conn.transaction():
+            _role_exists(conn, role)
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
+            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events TO {}").format(r))
+            conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}").format(r))
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pgfeed.tick_v1() TO {}").format(r))
+            conn.execute(
+                "INSERT INTO pgfeed.role_grants (role_name, kind, stream_id) VALUES (%s, 'reader', NULL)"
+                " ON CONFLICT DO NOTHING",
+                (role,),
+            )
+    except PgfeedError:
+        raise
+    except psycopg.Error as exc:
+        raise translate(exc, f"granting reader to {role!r}") from None
+
+
+def _trigger_name(sid: int) -> str:
+    return f"pgfeed_capture_{sid}"
+
+
+def capture(
+    conn: Conn,
+    schema: str,
+    table: str,
+    stream: str,
+    *,
+    columns: list[str] | None = None,
+    key: list[str] | None = None,
+    ops: list[str] | None = None,
+) -> list[str]:
+    """Install a row trigger on ``schema.table`` appending each change to ``stream``.
+
+    Each row appended is ``{"op", "table", "key": {pk columns}, "row": {fields}}``.
+    Returns the key columns used. A table without a primary key needs ``key``.
+    """
+    sid = stream_id(conn, stream)
+    ops = ops or ["insert", "update", "delete"]
+    bad = [o for o in ops if o not in ("insert", "update", "delete")]
+    if bad or not ops:
+        raise UsageError(f"invalid operation {bad[0]!r}: expected a subset of insert,update,delete")
+    try:
+        with conn.transaction():
+            rel = conn.execute(
+                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+                (schema, table),
+            ).fetchone()
+            if rel is None:
+                raise UsageError(f"unknown table {schema}.{table}: expected an existing ordinary table")
+            existing = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                    (rel[0],),
+                ).fetchall()
+            }
+            if key is None:
+                key = [
+                    str(r[0])
+                    for r in conn.execute(
+                        "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
+                        " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+                        " WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
+                        (rel[0],),
+                    ).fetchall()
+                ]
+                if not key:
+                    raise UsageError(f"table {schema}.{table} has no primary key: name the key columns with --key a,b")
+            for col in [*key, *(columns or [])]:
+                if col not in existing:
+                    raise UsageError(f"table {schema}.{table} has no column {col!r}")
+            trigger = sql.Identifier(_trigger_name(sid))
+            target = sql.Identifier(schema, table)
+            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, target))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v1({}, {}, {})"
+                ).format(
+                    trigger,
+                    sql.SQL(" OR ").join(sql.SQL(o.upper()) for o in ops),
+                    target,
+                    sql.Literal(stream),
+                    sql.Literal(json.dumps(key)),
+                    sql.Literal(json.dumps(columns)),
+                )
+            )
+    except PgfeedError:
+        raise
+    except psycopg.Error as exc:
+        raise translate(exc, f"capturing {schema}.{table}") from None
+    return key
+
+
+def uncapture(conn: Conn, schema: str, table: str, stream: str) -> bool:
+    """Remove the capture trigger; return whether there was one."""
+    sid = stream_id(conn, stream)
+    try:
+        with conn.transaction():
+            found = conn.execute(
+                "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s",
+                (schema, table, _trigger_name(sid)),
+            ).fetchone()
+            if found:
+                conn.execute(
+                    sql.SQL("DROP TRIGGER {} ON {}").format(
+                        sql.Identifier(_trigger_name(sid)), sql.Identifier(schema, table)
+                    )
+                )
+    except psycopg.Error as exc:
+        raise translate(exc, f"uncapturing {schema}.{table}") from None
+    return found is not None
+
+
+__all__ = [
+    "NOTIFY_MODES",
+    "PermissionDenied",
+    "StreamInfo",
+    "capture",
+    "create_stream",
+    "drop_stream",
+    "grant_reader",
+    "grant_writer",
+    "list_streams",
+    "stream_id",
+    "uncapture",
+]

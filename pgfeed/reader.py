@@ -1,0 +1,754 @@
+"""The embedded reader (asyncio): one LISTEN connection per process, a small
+pool for range reads, any number of subscriptions.
+
+How a reader stays gap-free (the argument itself is in
+:mod:`pgfeed.core.positions`):
+
+* The listener LISTENs first, then wakes the ticker, so a catch-up always
+  starts after the subscription is live (notifications are only hints).
+* The ticker takes a tick (``pgfeed.tick_v1()``) when woken by a NOTIFY, by a
+  subscriber that needs one, or by the fallback poll. Every delivery decision
+  comes from rows read after that tick committed.
+* Each subscription pulls batches from its own position up to the newest tick
+  and puts them on a bounded queue: a slow consumer only slows itself, and
+  memory is bounded by ``queue_batches * batch_size`` rows per subscription.
+* A subscription's position moves only when the consumer has taken the next
+  batch (or the callback returned), so ``position()`` and ``wait_for`` speak
+  of what was delivered, not of what was read ahead.
+* Reconnects of any connection retry from the last position with backoff;
+  nothing is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from pgfeed import store
+from pgfeed.connect import resolve, with_keepalives
+from pgfeed.core.backoff import Backoff
+from pgfeed.core.names import check_stream_name
+from pgfeed.core.positions import Planned, Position, Tick, plan_interval, plan_window
+from pgfeed.errors import (
+    FutureToken,
+    PgfeedError,
+    ReaderClosed,
+    TokenError,
+    UnknownStream,
+    UsageError,
+    WaitTimeout,
+    translate,
+)
+from pgfeed.writer import CACHES_STREAM
+
+log = structlog.get_logger("pgfeed.reader")
+
+Since = str | Position
+ResetCallback = Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One delivered change."""
+
+    stream: str
+    position: Position
+    payload: Any
+    key: str | None
+    created_at: datetime
+    xid: int
+    seq: int
+
+    @property
+    def token(self) -> str:
+        """The position token after this row; resume with ``since=token``."""
+        return str(self.position)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows delivered together, in stream order, and the position after them.
+
+    ``reset`` is true on the first batch after the reader could not prove
+    continuity (stream dropped and recreated, or the starting position belongs
+    to a previous incarnation): drop anything derived from earlier batches.
+    """
+
+    stream: str
+    rows: list[Row]
+    position: Position
+    reset: bool = False
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class _TickCache:
+    """Ticks already fetched, shared by every subscription of the reader."""
+
+    ticks: dict[int, Tick] = field(default_factory=dict)
+    limit: int = 200_000
+
+    def add(self, ticks: list[Tick]) -> None:
+        for t in ticks:
+            self.ticks[t.id] = t
+        if len(self.ticks) > self.limit:
+            for key in sorted(self.ticks)[: len(self.ticks) - self.limit // 2]:
+                del self.ticks[key]
+
+    def run(self, first: int, last: int) -> list[Tick] | None:
+        """Ticks ``first..last`` if all are cached, else None."""
+        out = [self.ticks.get(i) for i in range(first, last + 1)]
+        return None if any(t is None for t in out) else [t for t in out if t is not None]
+
+
+class Subscription:
+    """An ordered stream of :class:`Batch` for one stream; use ``async for``.
+
+    Taking the next batch acknowledges the previous one: the subscription's
+    :attr:`position` (what ``wait_for`` and ``Reader.position`` report) then
+    moves past it.
+    """
+
+    def __init__(self, reader: AsyncReader, stream: str, since: Since, until: Since | None, queue_batches: int) -> None:
+        self._reader = reader
+        self.stream = stream
+        self._since = since
+        self._until_spec = until
+        self._until: Position | None = None
+        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(1, queue_batches))
+        self._fetch: Position | None = None  # read-ahead position
+        self._acked: Position | None = None  # delivered position
+        self._outstanding: list[Position] = []
+        self._idle_target: Position | None = None
+        self._handed: Batch | None = None
+        self._meta: store.StreamMeta | None = None
+        self._pending_reset: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._closed = False
+
+    # -- consumer side ---------------------------------------------------
+    @property
+    def position(self) -> Position | None:
+        """How far this subscription has delivered (None before it started)."""
+        return self._acked
+
+    def __aiter__(self) -> AsyncIterator[Batch]:
+        return self
+
+    async def __anext__(self) -> Batch:
+        self._ack()
+        if self._closed and self._queue.empty():
+            raise StopAsyncIteration
+        batch = await self._queue.get()
+        if batch is None:
+            self._closed = True
+            if self._failure is not None:
+                raise self._failure
+            raise StopAsyncIteration
+        self._handed = batch
+        return batch
+
+    def _ack(self) -> None:
+        if self._handed is None:
+            return
+        batch, self._handed = self._handed, None
+        self._outstanding.remove(batch.position)
+        self._advance(batch.position)
+        if not self._outstanding and self._idle_target is not None:
+            self._advance(self._idle_target)
+            self._idle_target = None
+
+    def _advance(self, pos: Position) -> None:
+        if self._acked is None or pos > self._acked:
+            self._acked = pos
+            self._reader._positions_changed()
+
+    async def close(self) -> None:
+        """Stop this subscription; other subscriptions are unaffected."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._reader._subscriptions.discard(self)
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- producer side ---------------------------------------------------
+    async def start(self) -> None:
+        """Resolve ``since``/``until`` and begin pulling. Idempotent."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"pgfeed-subscription-{self.stream}")
+        await self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _run(self) -> None:
+        try:
+            await self._resolve_start()
+        except BaseException as exc:
+            self._failure = exc
+            self._ready.set()
+            await self._queue.put(None)
+            return
+        self._ready.set()
+        backoff = Backoff()
+        while not self._closed:
+            try:
+                done = await self._pump_once()
+                backoff.reset()
+                if done:
+                    await self._queue.put(None)
+                    return
+            except psycopg.OperationalError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "read failed; retrying", stream=self.stream, error=str(exc).strip(), retry_in=round(delay, 3)
+                )
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = translate(exc, f"reading stream {self.stream!r}") if isinstance(exc, psycopg.Error) else exc
+                log.error("subscription failed", stream=self.stream, error=str(err))
+                self._failure = err
+                await self._queue.put(None)
+                return
+
+    async def _resolve_start(self) -> None:
+        reader = self._reader
+        head, metas = await reader._tick_now([self.stream])
+        meta = metas.get(self.stream)
+        if meta is None:
+            raise UnknownStream(f"unknown stream {self.stream!r}: create it with `pgfeed stream create {self.stream}`")
+        self._meta = meta
+        start = self._parse_since(self._since, head, meta, "since")
+        if start.tick < meta.created_tick:
+            self._pending_reset = "the starting position is older than this stream's current incarnation"
+            start = Position(meta.created_tick)
+        self._fetch = start
+        self._acked = start
+        if self._until_spec is not None:
+            self._until = self._parse_since(self._until_spec, head, meta, "until")
+        await reader._listener_ready(meta.id)
+
+    def _parse_since(self, spec: Since, head: Tick, meta: store.StreamMeta, what: str) -> Position:
+        if isinstance(spec, Position):
+            pos = spec
+        elif spec == "earliest":
+            return Position(meta.created_tick)
+        elif spec == "now":
+            return Position(head.id)
+        elif isinstance(spec, str):
+            pos = Position.parse(spec)
+        else:
+            raise TokenError(f"invalid {what} {spec!r}: expected 'earliest', 'now' or a position token")
+        if pos.tick > head.id:
+            raise FutureToken(f"position {pos} is beyond anything this database has issued (newest tick {head.id})")
+        return pos
+
+    def _check_incarnation(self, metas: dict[str, store.StreamMeta]) -> bool:
+        """Follow a drop/recreate; return False while the stream is missing."""
+        meta = metas.get(self.stream)
+        if meta is None:
+            if self._meta is not None:
+                log.warning("stream dropped; waiting for it to be recreated", stream=self.stream)
+                self._meta = None
+            return False
+        if self._meta is None or meta.id != self._meta.id:
+            log.warning("stream recreated; resetting", stream=self.stream, stream_id=meta.id)
+            self._meta = meta
+            self._pending_reset = "the stream was dropped and recreated"
+            self._fetch = Position(meta.created_tick)
+            self._drain_queue()
+            self._acked = None
+            self._advance(Position(meta.created_tick))
+            self._reader._listener_dirty()
+        return True
+
+    def _drain_queue(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._outstanding.clear()
+        self._idle_target = None
+        self._handed = None
+
+    async def _pump_once(self) -> bool:
+        """One planning step; return True when ``until`` is reached."""
+        reader = self._reader
+        assert self._fetch is not None
+        if self._until is not None and self._fetch >= self._until:
+            return True
+        head, metas = await reader._wait_head(self._fetch)
+        if not self._check_incarnation(metas):
+            await reader._wait_tick_after(head.id)
+            return False
+        assert self._meta is not None
+        assert self._fetch is not None
+        if self._fetch.complete and self._fetch.tick >= head.id:
+            return False
+        planned = await reader._plan(self._meta.id, self._fetch, head)
+        end = planned.end
+        assert end is not None
+        if self._until is not None and end > self._until:
+            planned = Planned([(p, r) for p, r in planned.rows if p <= self._until], self._until)
+            end = self._until
+        rows = [Row(self.stream, pos, r.payload, r.key, r.created_at, r.xid, r.seq) for pos, r in planned.rows]
+        self._fetch = end
+        if rows or self._pending_reset:
+            reason, self._pending_reset = self._pending_reset, None
+            if reason is not None:
+                await reader._fire_reset(self.stream, reason)
+            batch = Batch(self.stream, rows, end, reset=reason is not None)
+            self._outstanding.append(end)
+            await self._queue.put(batch)
+        elif self._outstanding or self._handed is not None:
+            self._idle_target = end
+        else:
+            self._advance(end)
+        return False
+
+
+class AsyncReader:
+    """A reader for one process. Open it once, subscribe many times.
+
+    ``conninfo``: where to connect (``None``: the same resolution as the CLI —
+    ``PGFEED_DSN``, libpq's environment, then the embedded server).
+    ``poll_interval``: the fallback poll, covering lost notifications.
+    ``probe_interval``: how often the listener proves its connection alive.
+    ``batch_size``: rows per batch; ``queue_batches``: batches read ahead per
+    subscription (memory per subscription is bounded by their product).
+
+    Use ``async with AsyncReader(...) as reader:``; callbacks given to
+    :meth:`on` run on the event loop (async) or in a worker thread (sync).
+    """
+
+    def __init__(
+        self,
+        conninfo: str | None = None,
+        *,
+        poll_interval: float = 3.0,
+        probe_interval: float = 10.0,
+        probe_timeout: float = 5.0,
+        batch_size: int = 1000,
+        queue_batches: int = 4,
+        tick_window: int = 2000,
+        pool_size: int = 4,
+    ) -> None:
+        if batch_size < 1 or queue_batches < 1 or tick_window < 1:
+            raise UsageError("batch_size, queue_batches and tick_window must be positive")
+        self._conninfo_arg = conninfo
+        self.poll_interval = poll_interval
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.batch_size = batch_size
+        self.queue_batches = queue_batches
+        self.tick_window = tick_window
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._subscriptions: set[Subscription] = set()
+        self._ticks = _TickCache()
+        self._head: Tick | None = None
+        self._metas: dict[str, store.StreamMeta] = {}
+        self._head_changed = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._positions = asyncio.Condition()
+        self._channels: set[str] = set()
+        self._listening: set[str] = set()
+        self._listen_changed = asyncio.Event()
+        self._listener_up = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
+        self._reset_callbacks: list[ResetCallback] = []
+        self._invalidators: dict[str, list[Callable[[list[str] | None], Any]]] = {}
+        self._cache_subscription: Subscription | None = None
+        self._open = False
+        self._conninfo = ""
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> AsyncReader:
+        """Connect the pool and start the listener and ticker."""
+        if self._open:
+            return self
+        if self._conninfo_arg is None:
+            self._conninfo = (await asyncio.to_thread(resolve, None)).conninfo
+        else:
+            self._conninfo = self._conninfo_arg
+        self._conninfo = with_keepalives(self._conninfo)
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SET synchronous_commit = on")
+
+        self._pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True},
+            configure=configure,
+            open=False,
+            name="pgfeed-reader",
+        )
+        try:
+            await self._pool.open(wait=True, timeout=15)
+        except psycopg.Error as exc:
+            await self._pool.close()
+            raise translate(exc, "opening the reader's connection pool") from None
+        except Exception as exc:
+            await self._pool.close()
+            raise PgfeedError(f"cannot connect the reader: {exc}") from None
+        self._open = True
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="pgfeed-listener"),
+            asyncio.create_task(self._tick_loop(), name="pgfeed-ticker"),
+        ]
+        log.info("reader opened")
+        return self
+
+    async def close(self) -> None:
+        """Stop every subscription, the listener and the pool."""
+        if not self._open:
+            return
+        self._open = False
+        for sub in list(self._subscriptions):
+            await sub.close()
+        for task in [*self._tasks, *self._callback_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._callback_tasks, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("reader closed")
+
+    async def __aenter__(self) -> AsyncReader:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise ReaderClosed("the reader is not open: use `async with AsyncReader(...)` or call open()")
+
+    # -- public API ------------------------------------------------------
+    async def subscribe(self, stream: str, since: Since = "earliest", *, until: Since | None = None) -> Subscription:
+        """Subscribe to ``stream`` from ``since`` (``"earliest"``, ``"now"`` or a
+        token) and return a started :class:`Subscription` yielding batches.
+
+        With ``until`` (``"now"`` or a token) iteration ends once that
+        position is delivered. Raises :class:`UnknownStream`,
+        :class:`TokenError` or :class:`FutureToken` at once.
+        """
+        self._require_open()
+        check_stream_name(stream)
+        sub = Subscription(self, stream, since, until, self.queue_batches)
+        self._subscriptions.add(sub)
+        try:
+            await sub.start()
+        except BaseException:
+            await sub.close()
+            raise
+        return sub
+
+    async def on(self, stream: str, fn: Callable[[Batch], Any], since: Since = "earliest") -> Subscription:
+        """Call ``fn(batch)`` for every batch of ``stream``, in order, one at a
+        time. A sync ``fn`` runs in a worker thread; an async one on the loop."""
+        sub = await self.subscribe(stream, since)
+        self._spawn_consumer(sub, fn)
+        return sub
+
+    def _spawn_consumer(self, sub: Subscription, fn: Callable[[Batch], Any]) -> None:
+        async def consume() -> None:
+            async for batch in sub:
+                try:
+                    await _call(fn, batch)
+                except Exception:
+                    log.exception("subscriber callback failed; the batch counts as delivered", stream=sub.stream)
+
+        task = asyncio.create_task(consume(), name=f"pgfeed-callback-{sub.stream}")
+        self._callback_tasks.add(task)
+        task.add_done_callback(self._callback_tasks.discard)
+
+    def on_reset(self, fn: ResetCallback) -> None:
+        """Call ``fn(stream, reason)`` whenever continuity cannot be proven; it
+        runs before the first batch after the break is delivered."""
+        self._reset_callbacks.append(fn)
+
+    async def on_invalidate(self, cache_name: str, fn: Callable[[list[str] | None], Any]) -> None:
+        """Call ``fn(keys)`` for every invalidation of ``cache_name`` from now
+        on; ``keys`` is None for "invalidate everything" and after any reset."""
+        self._require_open()
+        self._invalidators.setdefault(cache_name, []).append(fn)
+        if self._cache_subscription is None:
+            self._cache_subscription = await self.subscribe(CACHES_STREAM, "now")
+            self._spawn_consumer(self._cache_subscription, self._dispatch_invalidations)
+
+    async def _dispatch_invalidations(self, batch: Batch) -> None:
+        if batch.reset:
+            for fns in self._invalidators.values():
+                for fn in fns:
+                    await _call(fn, None)
+        for row in batch.rows:
+            payload = row.payload if isinstance(row.payload, dict) else {}
+            for fn in self._invalidators.get(str(payload.get("cache")), []):
+                keys = payload.get("keys")
+                await _call(fn, list(keys) if isinstance(keys, list) else None)
+
+    def position(self, stream: str) -> Position | None:
+        """How far this process has delivered ``stream`` (the least advanced of
+        its subscriptions), or None if it does not follow it."""
+        positions = [s.position for s in self._subscriptions if s.stream == stream and s.position is not None]
+        return min(positions) if positions else None
+
+    async def wait_for(self, stream: str, token: str | Position, timeout: float = 10.0) -> Position:
+        """Return once this process has delivered ``stream`` up to ``token``.
+
+        Event-driven. Refuses at once a token beyond anything the database
+        has issued (:class:`FutureToken`) and a stream this process does not
+        follow; raises :class:`WaitTimeout` after ``timeout`` seconds.
+        """
+        self._require_open()
+        target = token if isinstance(token, Position) else Position.parse(token)
+        if not any(s.stream == stream for s in self._subscriptions):
+            raise UsageError(f"this reader does not follow stream {stream!r}: subscribe to it before waiting")
+        current = self.position(stream)
+        if current is not None and current >= target:
+            return current
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            newest = await store.head_tick_id(conn)
+        if target.tick > newest:
+            raise FutureToken(f"position {target} is beyond anything this database has issued (newest tick {newest})")
+        if self._head is None or self._head.id < target.tick:
+            self._wake.set()
+
+        def reached() -> bool:
+            pos = self.position(stream)
+            return pos is not None and pos >= target
+
+        try:
+            async with self._positions:
+                await asyncio.wait_for(self._positions.wait_for(reached), timeout)
+        except TimeoutError:
+            raise WaitTimeout(
+                f"timed out after {timeout:g}s waiting for stream {stream!r} to reach {target}; "
+                f"delivered up to {self.position(stream)}"
+            ) from None
+        pos = self.position(stream)
+        assert pos is not None
+        return pos
+
+    # -- internals: positions -------------------------------------------
+    def _positions_changed(self) -> None:
+        async def notify() -> None:
+            async with self._positions:
+                self._positions.notify_all()
+
+        task = asyncio.create_task(notify())
+        self._callback_tasks.add(task)
+        task.add_done_callback(self._callback_tasks.discard)
+
+    async def _fire_reset(self, stream: str, reason: str) -> None:
+        log.warning("reset", stream=stream, reason=reason)
+        for fn in self._reset_callbacks:
+            try:
+                await _call(fn, stream, reason)
+            except Exception:
+                log.exception("reset callback failed", stream=stream)
+
+    # -- internals: ticks ------------------------------------------------
+    def _stream_names(self) -> list[str]:
+        return sorted({s.stream for s in self._subscriptions})
+
+    async def _tick_now(self, extra: list[str]) -> tuple[Tick, dict[str, store.StreamMeta]]:
+        assert self._pool is not None
+        try:
+            async with self._pool.connection() as conn:
+                tick, metas = await store.take_tick(conn, sorted({*self._stream_names(), *extra}))
+        except psycopg.Error as exc:
+            raise translate(exc, "taking a tick") from None
+        self._publish(tick, metas)
+        return tick, metas
+
+    def _publish(self, tick: Tick, metas: dict[str, store.StreamMeta]) -> None:
+        self._ticks.add([tick])
+        if self._head is None or tick.id >= self._head.id:
+            self._head = tick
+            self._metas.update(metas)
+            for name in self._stream_names():
+                if name not in metas:
+                    self._metas.pop(name, None)
+            self._channels = {f"pgfeed_v1_{m.id}" for n, m in self._metas.items() if n in self._stream_names()}
+            if self._channels - self._listening:
+                self._listen_changed.set()
+
+        async def notify() -> None:
+            async with self._head_changed:
+                self._head_changed.notify_all()
+
+        task = asyncio.create_task(notify())
+        self._callback_tasks.add(task)
+        task.add_done_callback(self._callback_tasks.discard)
+
+    async def _tick_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+            if not self._subscriptions:
+                continue
+            try:
+                await self._tick_now([])
+                backoff.reset()
+            except PgfeedError as exc:
+                delay = backoff.next_delay()
+                log.warning("tick failed; retrying", error=str(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _wait_head(self, pos: Position) -> tuple[Tick, dict[str, store.StreamMeta]]:
+        """Wait until there is something past ``pos`` to read."""
+
+        def ready() -> bool:
+            return self._head is not None and (not pos.complete or self._head.id > pos.tick)
+
+        if not ready():
+            async with self._head_changed:
+                await self._head_changed.wait_for(ready)
+        assert self._head is not None
+        return self._head, self._metas
+
+    async def _wait_tick_after(self, tick_id: int) -> None:
+        async with self._head_changed:
+            await self._head_changed.wait_for(lambda: self._head is not None and self._head.id > tick_id)
+
+    async def _ticks_between(self, conn: psycopg.AsyncConnection[Any], first: int, last: int) -> list[Tick]:
+        cached = self._ticks.run(first, last)
+        if cached is not None:
+            return cached
+        fetched = await store.fetch_ticks(conn, first, last)
+        if [t.id for t in fetched] != list(range(first, last + 1)):
+            raise PgfeedError(f"ticks {first}..{last} are missing from pgfeed.ticks; the position cannot be resumed")
+        self._ticks.add(fetched)
+        return fetched
+
+    async def _plan(self, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
+        assert self._pool is not None
+        limit = self.batch_size
+        async with self._pool.connection() as conn:
+            if not pos.complete:
+                prev, cur = await self._ticks_between(conn, pos.tick - 1, pos.tick)
+                rows = await store.fetch_rows(
+                    conn, stream_id, prev.snapshot, cur.snapshot, limit + 1, after=(pos.xid, pos.seq)
+                )
+                return plan_interval(pos.tick, rows, limit)
+            last = min(head.id, pos.tick + self.tick_window)
+            ticks = await self._ticks_between(conn, pos.tick, last)
+            start, window = ticks[0], ticks[1:]
+            rows = await store.fetch_rows(conn, stream_id, start.snapshot, window[-1].snapshot, limit + 1)
+            planned = plan_window(window, rows, limit)
+            if planned.end is not None:
+                return planned
+            first = window[0]
+            rows = await store.fetch_rows(conn, stream_id, start.snapshot, first.snapshot, limit + 1)
+            return plan_interval(first.id, rows, limit)
+
+    # -- internals: listener ---------------------------------------------
+    def _listener_dirty(self) -> None:
+        self._listen_changed.set()
+
+    async def _listener_ready(self, stream_id: int) -> None:
+        """Wait (bounded) until the listener LISTENs on the stream's channel."""
+        channel = f"pgfeed_v1_{stream_id}"
+        self._channels.add(channel)
+        self._listen_changed.set()
+        deadline = asyncio.get_running_loop().time() + self.probe_timeout
+        while channel not in self._listening and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        if channel not in self._listening:
+            log.warning("listener not ready; relying on polling until it is", channel=channel)
+
+    async def _listen(self) -> None:
+        backoff = Backoff()
+        probe = f"pgfeed_v1_probe_{os.getpid()}_{id(self)}"
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=10)
+            except (psycopg.Error, OSError) as exc:
+                delay = backoff.next_delay()
+                log.warning("listener cannot connect; retrying", error=_one_line(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
+                log.info("listener connected")
+                await self._follow(conn, probe, backoff)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self._listening = set()
+                delay = backoff.next_delay()
+                log.warning("listener lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            finally:
+                self._listening = set()
+                await conn.close()
+
+    async def _follow(self, conn: psycopg.AsyncConnection[Any], probe: str, backoff: Backoff) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self.probe_interval
+        first = True
+        while True:
+            wanted = set(self._channels)
+            if wanted != self._listening or first:
+                self._listen_changed.clear()
+                for ch in sorted(wanted - self._listening):
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
+                for ch in sorted(self._listening - wanted):
+                    await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(ch)))
+                self._listening = wanted
+                # LISTEN is live: now catch up (a notification is only a hint).
+                self._wake.set()
+                first = False
+                backoff.reset()
+            async for note in conn.notifies(timeout=0.25):
+                if note.channel != probe:
+                    self._wake.set()
+                if self._listen_changed.is_set():
+                    break
+            if loop.time() >= next_probe:
+                await asyncio.wait_for(conn.execute("SELECT pg_notify(%s, '')", (probe,)), self.probe_timeout)
+                next_probe = loop.time() + self.probe_interval
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    if isinstance(result, Awaitable):
+        return await result
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

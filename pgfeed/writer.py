@@ -1,0 +1,152 @@
+"""The write side: append rows inside the caller's own transaction.
+
+Each function accepts a psycopg ``Connection`` (returns the result) or an
+``AsyncConnection`` (returns an awaitable). Nothing here commits: the rows
+exist if and only if the caller's transaction commits (the transactional
+outbox).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Any, overload
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgfeed.core.names import check_stream_name
+from pgfeed.core.positions import Position
+from pgfeed.errors import PgfeedError, UsageError, translate
+
+#: The built-in stream that :func:`invalidate` appends to.
+CACHES_STREAM = "caches"
+
+_Query = tuple[str, tuple[Any, ...], str]
+
+
+def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
+    check_stream_name(stream)
+    if key is not None and not isinstance(key, str):
+        raise UsageError(f"invalid key {key!r}: expected a string or None")
+    return "SELECT pgfeed.append_v1(%s, %s, %s)", (stream, Jsonb(payload), key), f"appending to {stream!r}"
+
+
+def _append_many_query(stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None) -> _Query:
+    check_stream_name(stream)
+    if keys is not None and len(keys) != len(payloads):
+        raise UsageError(f"{len(keys)} keys given for {len(payloads)} payloads: give one key per payload or none")
+    return (
+        "SELECT pgfeed.append_many_v1(%s, %s::jsonb[], %s::text[])",
+        (stream, [Jsonb(p) for p in payloads], list(keys) if keys is not None else None),
+        f"appending to {stream!r}",
+    )
+
+
+def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
+    if not isinstance(cache_name, str) or not cache_name:
+        raise UsageError(f"invalid cache name {cache_name!r}: expected a non-empty string")
+    if isinstance(keys, str):
+        raise UsageError("keys must be a sequence of strings (or None for the whole cache), not a single string")
+    return (
+        "SELECT pgfeed.invalidate_v1(%s, %s::text[])",
+        (cache_name, [str(k) for k in keys] if keys is not None else None),
+        f"invalidating cache {cache_name!r}",
+    )
+
+
+def _run(conn: Any, query: _Query) -> Any:
+    text, params, doing = query
+    if isinstance(conn, psycopg.AsyncConnection):
+        return _run_async(conn, text, params, doing)
+    try:
+        row = conn.execute(text, params).fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, doing) from None
+    return row[0] if row else None
+
+
+async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tuple[Any, ...], doing: str) -> Any:
+    try:
+        cur = await conn.execute(text, params)
+        row = await cur.fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, doing) from None
+    return row[0] if row else None
+
+
+@overload
+def append(conn: psycopg.AsyncConnection[Any], stream: str, payload: Any, key: str | None = None) -> Awaitable[int]: ...
+@overload
+def append(conn: psycopg.Connection[Any], stream: str, payload: Any, key: str | None = None) -> int: ...
+def append(conn: Any, stream: str, payload: Any, key: str | None = None) -> Any:
+    """Append ``payload`` (any JSON-serialisable value) to ``stream`` in the
+    connection's current transaction; return the row's sequence number.
+
+    Call :func:`commit_token` after committing for a read-your-writes token.
+    Raises :class:`~pgfeed.errors.UnknownStream`, :class:`~pgfeed.errors.PayloadError`
+    (over the stream's size limit) or :class:`~pgfeed.errors.PermissionDenied`.
+    """
+    return _run(conn, _append_query(stream, payload, key))
+
+
+@overload
+def append_many(
+    conn: psycopg.AsyncConnection[Any], stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None = None
+) -> Awaitable[int]: ...
+@overload
+def append_many(
+    conn: psycopg.Connection[Any], stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None = None
+) -> int: ...
+def append_many(conn: Any, stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None = None) -> Any:
+    """Append many payloads in one call (one round trip); return how many."""
+    return _run(conn, _append_many_query(stream, payloads, keys))
+
+
+@overload
+def invalidate(conn: psycopg.AsyncConnection[Any], cache_name: str, keys: Sequence[str] | None) -> Awaitable[int]: ...
+@overload
+def invalidate(conn: psycopg.Connection[Any], cache_name: str, keys: Sequence[str] | None) -> int: ...
+def invalidate(conn: Any, cache_name: str, keys: Sequence[str] | None) -> Any:
+    """Tell every reader to drop ``keys`` from ``cache_name``; ``keys=None``
+    drops the whole cache. Appends one row to the built-in ``caches`` stream."""
+    return _run(conn, _invalidate_query(cache_name, keys))
+
+
+def _check_idle(conn: Any) -> None:
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise PgfeedError("commit_token() must be called after COMMIT, outside any transaction")
+
+
+_COMMIT_TOKEN_QUERY = "SELECT id FROM pgfeed.tick_v1()"  # noqa: S105  # a query, not a password
+
+
+@overload
+def commit_token(conn: psycopg.AsyncConnection[Any]) -> Awaitable[Position]: ...
+@overload
+def commit_token(conn: psycopg.Connection[Any]) -> Position: ...
+def commit_token(conn: Any) -> Any:
+    """A position covering every transaction committed so far, this
+    connection's included. Call it right after COMMIT and hand it to
+    ``Reader.wait_for`` in any process for read-your-writes."""
+    _check_idle(conn)
+    if isinstance(conn, psycopg.AsyncConnection):
+        return _commit_token_async(conn)
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            row = conn.execute(_COMMIT_TOKEN_QUERY).fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, "taking a commit token") from None
+    return Position(int(row[0]))
+
+
+async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> Position:
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = on")
+            cur = await conn.execute(_COMMIT_TOKEN_QUERY)
+            row = await cur.fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, "taking a commit token") from None
+    assert row is not None
+    return Position(int(row[0]))
