@@ -39,7 +39,7 @@ from pgfeed import store
 from pgfeed.connect import resolve, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
-from pgfeed.core.positions import Planned, Position, Tick, plan_interval, plan_window
+from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, read_step
 from pgfeed.errors import (
     FutureToken,
     PgfeedError,
@@ -654,25 +654,23 @@ class AsyncReader:
         return fetched
 
     async def _plan(self, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
+        """Drive one :func:`read_step` with real queries."""
         assert self._pool is not None
-        limit = self.batch_size
+        steps = read_step(pos, head.id, self.batch_size, self.tick_window)
         async with self._pool.connection() as conn:
-            if not pos.complete:
-                prev, cur = await self._ticks_between(conn, pos.tick - 1, pos.tick)
-                rows = await store.fetch_rows(
-                    conn, stream_id, prev.snapshot, cur.snapshot, limit + 1, after=(pos.xid, pos.seq)
-                )
-                return plan_interval(pos.tick, rows, limit)
-            last = min(head.id, pos.tick + self.tick_window)
-            ticks = await self._ticks_between(conn, pos.tick, last)
-            start, window = ticks[0], ticks[1:]
-            rows = await store.fetch_rows(conn, stream_id, start.snapshot, window[-1].snapshot, limit + 1)
-            planned = plan_window(window, rows, limit)
-            if planned.end is not None:
+            reply: Any = None
+            try:
+                while True:
+                    request = steps.send(reply)
+                    if isinstance(request, NeedTicks):
+                        reply = await self._ticks_between(conn, request.first, request.last)
+                    else:
+                        reply = await store.fetch_rows(
+                            conn, stream_id, request.start, request.end, request.limit, request.after
+                        )
+            except StopIteration as done:
+                planned: Planned[store.StoredRow] = done.value
                 return planned
-            first = window[0]
-            rows = await store.fetch_rows(conn, stream_id, start.snapshot, first.snapshot, limit + 1)
-            return plan_interval(first.id, rows, limit)
 
     # -- internals: listener ---------------------------------------------
     def _listener_dirty(self) -> None:

@@ -39,9 +39,9 @@ read resumes after the last delivered ``(xid, seq)``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pgfeed.errors import TokenError
 
@@ -219,3 +219,50 @@ def _order(window: Sequence[Tick], rows: Iterable[R]) -> list[tuple[Position, R]
     placed = [(Position(first_visible_tick(window, r.xid).id, r.xid, r.seq), r) for r in rows]
     placed.sort(key=lambda pair: pair[0])
     return placed
+
+
+@dataclass(frozen=True)
+class NeedTicks:
+    """Request: ticks ``first..last`` inclusive, ascending and contiguous."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class NeedRows:
+    """Request: the first ``limit`` rows in ``(xid, seq)`` order after ``after``
+    whose xid is visible in ``end`` and not in ``start``."""
+
+    start: Snapshot
+    end: Snapshot
+    limit: int
+    after: tuple[int, int] = (0, 0)
+
+
+Request = NeedTicks | NeedRows
+
+
+def read_step(pos: Position, head: int, limit: int, tick_window: int) -> Generator[Request, Any, Planned[Any]]:
+    """One read of a stream from ``pos`` towards tick ``head``, sans I/O.
+
+    The generator yields :class:`NeedTicks` / :class:`NeedRows` requests; the
+    caller performs each and sends back the result (a list of :class:`Tick`
+    or of rows). Its return value is the :class:`Planned` delivery, whose
+    ``end`` is never None and always beyond ``pos`` when ``pos`` is before
+    ``head``.
+    """
+    if not pos.complete:
+        prev, cur = yield NeedTicks(pos.tick - 1, pos.tick)
+        rows = yield NeedRows(prev.snapshot, cur.snapshot, limit + 1, (pos.xid, pos.seq))
+        return plan_interval(pos.tick, rows, limit)
+    last = min(head, pos.tick + tick_window)
+    ticks = yield NeedTicks(pos.tick, last)
+    start, window = ticks[0], ticks[1:]
+    rows = yield NeedRows(start.snapshot, window[-1].snapshot, limit + 1)
+    planned: Planned[Any] = plan_window(window, rows, limit)
+    if planned.end is not None:
+        return planned
+    first = window[0]
+    rows = yield NeedRows(start.snapshot, first.snapshot, limit + 1)
+    return plan_interval(first.id, rows, limit)

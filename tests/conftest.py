@@ -1,0 +1,1 @@
+"""Shared test setup. The real-PostgreSQL fixtures come from the pgfeed.testing plugin."""

@@ -1,0 +1,292 @@
+"""The ordering core against a simulated database (no I/O, exhaustive via hypothesis).
+
+The simulation plays PostgreSQL's part: transactions take increasing xids,
+append rows with increasing seqs, commit or roll back in any order; ticks
+record snapshots. A reader driven by ``read_step`` must deliver exactly the
+committed rows, once each, in one canonical order, whatever the batch size,
+tick window or starting point, and the order must be the same for every
+reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgfeed.core.positions import (
+    COMPLETE,
+    NeedRows,
+    NeedTicks,
+    Position,
+    Snapshot,
+    Tick,
+    first_visible_tick,
+    plan_interval,
+    plan_window,
+    read_step,
+)
+from pgfeed.errors import TokenError
+
+
+@dataclass(frozen=True)
+class FakeRow:
+    xid: int
+    seq: int
+
+
+@dataclass
+class FakeDb:
+    next_xid: int = 100
+    next_seq: int = 1
+    running: dict[int, list[FakeRow]] = field(default_factory=dict)
+    committed: list[FakeRow] = field(default_factory=list)
+    ticks: list[Tick] = field(default_factory=list)
+
+    def begin(self) -> int:
+        xid = self.next_xid
+        self.next_xid += 1
+        self.running[xid] = []
+        return xid
+
+    def append(self, xid: int) -> None:
+        self.running[xid].append(FakeRow(xid, self.next_seq))
+        self.next_seq += 1
+
+    def end(self, xid: int, commit: bool) -> None:
+        rows = self.running.pop(xid)
+        if commit:
+            self.committed.extend(rows)
+
+    def snapshot(self) -> Snapshot:
+        xip = frozenset(self.running)
+        return Snapshot(min(xip) if xip else self.next_xid, self.next_xid, xip)
+
+    def tick(self) -> Tick:
+        t = Tick(len(self.ticks) + 1, self.snapshot())
+        self.ticks.append(t)
+        return t
+
+    # The two queries the reader makes.
+    def fetch_ticks(self, first: int, last: int) -> list[Tick]:
+        return [t for t in self.ticks if first <= t.id <= last]
+
+    def fetch_rows(self, req: NeedRows) -> list[FakeRow]:
+        rows = sorted(
+            (r for r in self.committed if req.end.visible(r.xid) and not req.start.visible(r.xid)),
+            key=lambda r: (r.xid, r.seq),
+        )
+        return [r for r in rows if (r.xid, r.seq) > req.after][: req.limit]
+
+
+def drive(db: FakeDb, pos: Position, head: int, limit: int, window: int) -> tuple[list[tuple[Position, Any]], Position]:
+    steps = read_step(pos, head, limit, window)
+    reply: Any = None
+    try:
+        while True:
+            req = steps.send(reply)
+            reply = db.fetch_ticks(req.first, req.last) if isinstance(req, NeedTicks) else db.fetch_rows(req)
+    except StopIteration as done:
+        planned = done.value
+    assert planned.end is not None
+    return planned.rows, planned.end
+
+
+def read_all(db: FakeDb, start: Position, limit: int, window: int) -> list[tuple[Position, FakeRow]]:
+    """Read from ``start`` to the newest tick, checking progress and order."""
+    head = db.ticks[-1].id
+    pos = start
+    out: list[tuple[Position, FakeRow]] = []
+    while pos < Position(head):
+        rows, end = drive(db, pos, head, limit, window)
+        assert end > pos, "a step must make progress"
+        assert len(rows) <= limit
+        for p, _ in rows:
+            assert pos < p <= end
+        out.extend(rows)
+        pos = end
+    return out
+
+
+def canonical(db: FakeDb, after_tick: int = 0) -> list[tuple[Position, FakeRow]]:
+    """The specification: rows by (first tick that sees them, xid, seq)."""
+    head = db.ticks[-1]
+    placed = []
+    for r in db.committed:
+        if not head.snapshot.visible(r.xid):
+            continue
+        tick = next(t for t in db.ticks if t.snapshot.visible(r.xid))
+        if tick.id > after_tick:
+            placed.append((Position(tick.id, r.xid, r.seq), r))
+    return sorted(placed, key=lambda pr: pr[0])
+
+
+# A history: a list of operations applied to a FakeDb.
+op = st.one_of(
+    st.tuples(st.just("begin")),
+    st.tuples(st.just("append"), st.integers(0, 50), st.integers(1, 4)),
+    st.tuples(st.just("end"), st.integers(0, 50), st.booleans(), st.booleans()),
+    st.tuples(st.just("tick")),
+)
+
+
+def build(ops: list[tuple[Any, ...]]) -> FakeDb:
+    db = FakeDb()
+    db.tick()  # the stream's creation tick
+    for o in ops:
+        live = sorted(db.running)
+        if o[0] == "begin":
+            db.begin()
+        elif o[0] == "append" and live:
+            for _ in range(o[2]):
+                db.append(live[o[1] % len(live)])
+        elif o[0] == "end" and live:
+            # Mostly commit (about 15% rollbacks when both flags are true).
+            db.end(live[o[1] % len(live)], commit=not (o[2] and o[3] and o[1] % 2 == 0))
+        elif o[0] == "tick":
+            db.tick()
+    db.tick()
+    return db
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(op, max_size=120), limit=st.integers(1, 6), window=st.integers(1, 7))
+def test_delivery_is_exactly_the_canonical_order(ops: list[tuple[Any, ...]], limit: int, window: int) -> None:
+    db = build(ops)
+    assert read_all(db, Position(1), limit, window) == canonical(db)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(op, max_size=100),
+    a=st.tuples(st.integers(1, 6), st.integers(1, 7)),
+    b=st.tuples(st.integers(1, 6), st.integers(1, 7)),
+)
+def test_two_readers_with_different_batching_agree(
+    ops: list[tuple[Any, ...]], a: tuple[int, int], b: tuple[int, int]
+) -> None:
+    db = build(ops)
+    assert read_all(db, Position(1), *a) == read_all(db, Position(1), *b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(op, max_size=100), limit=st.integers(1, 5), cut=st.integers(0, 1000))
+def test_resuming_from_any_delivered_token_continues_exactly(ops: list[tuple[Any, ...]], limit: int, cut: int) -> None:
+    db = build(ops)
+    full = read_all(db, Position(1), limit, 3)
+    if not full:
+        return
+    k = cut % len(full)
+    token = Position.parse(str(full[k][0]))
+    assert read_all(db, token, limit, 3) == full[k + 1 :]
+
+
+def test_out_of_order_commit_is_not_skipped() -> None:
+    db = FakeDb()
+    db.tick()
+    a = db.begin()
+    db.append(a)  # seq 1, allocated first
+    b = db.begin()
+    db.append(b)  # seq 2
+    db.end(b, commit=True)  # B commits first
+    db.tick()  # tick 2 sees B only
+    db.end(a, commit=True)
+    db.tick()  # tick 3 sees A
+    got = [(p.tick, r.seq) for p, r in read_all(db, Position(1), 10, 10)]
+    assert got == [(2, 2), (3, 1)]
+
+
+def test_rollback_leaves_no_hole_that_stalls() -> None:
+    db = FakeDb()
+    db.tick()
+    a = db.begin()
+    db.append(a)
+    db.end(a, commit=False)
+    b = db.begin()
+    db.append(b)
+    db.end(b, commit=True)
+    db.tick()
+    assert [r.seq for _, r in read_all(db, Position(1), 10, 10)] == [2]
+
+
+def test_running_transaction_delays_only_itself() -> None:
+    db = FakeDb()
+    db.tick()
+    long_tx = db.begin()
+    db.append(long_tx)
+    short = db.begin()
+    db.append(short)
+    db.end(short, commit=True)
+    db.tick()
+    assert [r.seq for _, r in read_all(db, Position(1), 10, 10)] == [2]
+    db.end(long_tx, commit=True)
+    db.tick()
+    assert [r.seq for _, r in read_all(db, Position(2), 10, 10)] == [1]
+
+
+def test_big_transaction_is_split_across_batches_in_order() -> None:
+    db = FakeDb()
+    db.tick()
+    tx = db.begin()
+    for _ in range(25):
+        db.append(tx)
+    db.end(tx, commit=True)
+    db.tick()
+    head = db.ticks[-1].id
+    pos = Position(1)
+    sizes = []
+    seqs = []
+    while pos < Position(head):
+        rows, pos = drive(db, pos, head, 10, 5)
+        sizes.append(len(rows))
+        seqs.extend(r.seq for _, r in rows)
+    assert sizes == [10, 10, 5]
+    assert seqs == list(range(1, 26))
+
+
+def test_snapshot_visibility_matches_postgres_rule() -> None:
+    snap = Snapshot.parse("10:20:12,15")
+    assert snap.visible(9)
+    assert snap.visible(11)
+    assert not snap.visible(12)
+    assert not snap.visible(15)
+    assert snap.visible(19)
+    assert not snap.visible(20)
+    assert str(snap) == "10:20:12,15"
+    assert Snapshot.parse("5:5:") == Snapshot(5, 5, frozenset())
+    with pytest.raises(ValueError, match="malformed"):
+        Snapshot.parse("5:x")
+
+
+@pytest.mark.parametrize("token", ["", "x", "1.2", "1.2.3.4", "-1", "1..2", "1.2.a", "99999999999999999999", " 1 2"])
+def test_malformed_tokens_are_refused_with_the_accepted_forms(token: str) -> None:
+    with pytest.raises(TokenError, match=r"expected TICK or TICK\.XID\.SEQ"):
+        Position.parse(token)
+
+
+def test_token_round_trip_and_order() -> None:
+    assert str(Position.parse("42")) == "42"
+    assert Position.parse("42") == Position(42, COMPLETE, COMPLETE)
+    assert str(Position.parse("42.700.3")) == "42.700.3"
+    assert Position(41) < Position(42, 1, 1) < Position(42, 1, 2) < Position(42) < Position(43, 0, 0)
+
+
+def test_first_visible_tick_requires_visibility_in_the_last() -> None:
+    ticks = [Tick(1, Snapshot(5, 5, frozenset())), Tick(2, Snapshot(6, 6, frozenset()))]
+    assert first_visible_tick(ticks, 5).id == 2
+    with pytest.raises(ValueError, match="not visible"):
+        first_visible_tick(ticks, 6)
+
+
+def test_plan_window_cut_when_rows_exceed_the_limit() -> None:
+    # Tick 2 sees xid 100; tick 3 sees 101..; more rows than the limit.
+    window = [Tick(2, Snapshot(101, 101, frozenset())), Tick(3, Snapshot(103, 103, frozenset()))]
+    rows = [FakeRow(100, 1), FakeRow(101, 2), FakeRow(102, 3)]
+    planned = plan_window(window, rows, 2)
+    assert planned.end == Position(2)
+    assert [r.seq for _, r in planned.rows] == [1]
+    assert plan_window(window[1:], rows[1:], 1).end is None
+    assert plan_interval(3, rows[1:], 1).end == Position(3, 101, 2)
