@@ -130,10 +130,25 @@ DECLARE
     part      text;
     g         record;
 BEGIN
-    IF stream IS NULL OR stream !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+    -- COLLATE "C": the rule is about ASCII code points, whatever the database's collation.
+    IF stream IS NULL OR stream COLLATE "C" !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'pgfeed: invalid stream name %', coalesce(quote_literal(stream), 'NULL')
             USING ERRCODE = '22023',
                   HINT = 'A stream name is 1-63 characters: a lower-case ASCII letter, then lower-case letters, digits or _.';
+    END IF;
+    IF max_payload_bytes IS NULL OR max_payload_bytes <= 0 THEN
+        RAISE EXCEPTION 'pgfeed: invalid max_payload_bytes % for stream %',
+            coalesce(max_payload_bytes::text, 'NULL'), quote_literal(stream)
+            USING ERRCODE = '22023', HINT = 'Give a positive number of bytes (default 1048576).';
+    END IF;
+    IF notify_mode IS NULL OR notify_mode NOT IN ('immediate', 'poll') THEN
+        RAISE EXCEPTION 'pgfeed: invalid notify_mode % for stream %',
+            coalesce(quote_literal(notify_mode), 'NULL'), quote_literal(stream)
+            USING ERRCODE = '22023', HINT = 'Give ''immediate'' or ''poll''.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgfeed.streams st WHERE st.name = stream) THEN
+        RAISE EXCEPTION 'pgfeed: stream % already exists', quote_literal(stream)
+            USING ERRCODE = '42710';
     END IF;
     SELECT t.id INTO tick FROM pgfeed._take_tick_v1() t;
     INSERT INTO pgfeed.streams (name, created_tick, max_payload_bytes, notify_mode)

@@ -17,6 +17,8 @@ Conn = psycopg.Connection[Any]
 NotifyMode = Literal["immediate", "poll"]
 NOTIFY_MODES = ("immediate", "poll")
 DEFAULT_MAX_PAYLOAD = 1_048_576
+#: The largest per-stream limit (the column is a PostgreSQL integer).
+MAX_MAX_PAYLOAD = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,10 @@ def create_stream(
     check_stream_name(name)
     if notify_mode not in NOTIFY_MODES:
         raise UsageError(f"invalid notify mode {notify_mode!r}: expected one of {', '.join(NOTIFY_MODES)}")
-    if not isinstance(max_payload_bytes, int) or max_payload_bytes <= 0:
-        raise UsageError(f"invalid max payload {max_payload_bytes!r}: expected a positive number of bytes")
+    if not isinstance(max_payload_bytes, int) or not 0 < max_payload_bytes <= MAX_MAX_PAYLOAD:
+        raise UsageError(
+            f"invalid max payload {max_payload_bytes!r}: expected a number of bytes from 1 to {MAX_MAX_PAYLOAD}"
+        )
     try:
         with conn.transaction():
             if conn.execute("SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
@@ -67,7 +71,7 @@ def create_stream(
             row = conn.execute(
                 "SELECT pgfeed.create_stream_v1(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
             ).fetchone()
-    except psycopg.errors.UniqueViolation:
+    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
         raise StreamExists(f"stream {name!r} already exists; nothing changed") from None
     except psycopg.Error as exc:
         raise translate(exc, f"creating stream {name!r}") from None
@@ -75,10 +79,26 @@ def create_stream(
     return int(row[0])
 
 
+def _head(conn: Conn) -> int:
+    """A position covering every transaction committed so far: a fresh tick.
+
+    Inside the caller's open transaction a tick cannot be taken (it would hold
+    the tick lock until that transaction ends), so the latest tick is used.
+    """
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        with conn.transaction():
+            row = conn.execute("SELECT id FROM pgfeed.tick_v1()").fetchone()
+    else:
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def list_streams(conn: Conn) -> list[StreamInfo]:
-    """Every stream with its row count, last append time and the current head tick."""
+    """Every stream with its row count, last append time and the head: a
+    position token covering every row committed when the list was taken."""
     try:
-        head_row = conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+        head = str(_head(conn))
         streams = conn.execute(
             "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
         ).fetchall()
@@ -87,7 +107,7 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
             count, last = conn.execute(
                 sql.SQL("SELECT count(*), max(created_at)::text FROM {}").format(_partition(sid))
             ).fetchone() or (0, None)
-            result.append(StreamInfo(name, sid, int(count), str(head_row[0] if head_row else 0), last, mode, max_bytes))
+            result.append(StreamInfo(name, sid, int(count), head, last, mode, max_bytes))
         return result
     except psycopg.Error as exc:
         raise translate(exc, "listing streams") from None

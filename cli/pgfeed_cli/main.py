@@ -163,7 +163,13 @@ def stream() -> None:
 
 @stream.command("create")
 @click.argument("name")
-@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=admin.DEFAULT_MAX_PAYLOAD, show_default=True)
+@click.option(
+    "--max-payload-bytes",
+    type=click.IntRange(min=1, max=admin.MAX_MAX_PAYLOAD),
+    default=admin.DEFAULT_MAX_PAYLOAD,
+    show_default=True,
+    help="Refuse payloads larger than this (pg_column_size of the jsonb value).",
+)
 @click.option(
     "--notify",
     "notify_mode",
