@@ -4,6 +4,7 @@ an embedded PostgreSQL kept in a per-user data directory."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,17 @@ import psycopg
 import structlog
 from psycopg import conninfo as pg_conninfo
 
-from pgfeed.errors import ConnectError, EmbeddedUnavailable, UsageError, translate
+from pgfeed.errors import (
+    AuthenticationFailed,
+    ConnectError,
+    DatabaseMissing,
+    EmbeddedUnavailable,
+    PermissionDenied,
+    PgfeedError,
+    ServerUnreachable,
+    UsageError,
+    translate,
+)
 
 log = structlog.get_logger("pgfeed.connect")
 
@@ -103,20 +114,76 @@ def with_keepalives(conninfo: str) -> str:
 def connect(
     conninfo: str, *, autocommit: bool = True, doing: str = "connecting"
 ) -> psycopg.Connection[tuple[object, ...]]:
-    """Open a sync connection, translating failures into :class:`ConnectError`."""
+    """Open a sync connection; failures become one-line :class:`ConnectError`
+    subclasses (or :class:`UsageError` for a malformed DSN)."""
     try:
         return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
     except psycopg.Error as exc:
         raise connect_error(exc, doing) from None
 
 
-def connect_error(exc: psycopg.Error, doing: str) -> ConnectError:
-    """One line saying why a connection could not be opened."""
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # libpq prefixes the useful line with "connection to server at ... failed:".
-    reason = next((ln for ln in reversed(lines) if not ln.startswith("HINT")), text) if lines else "unknown error"
-    if isinstance(exc, psycopg.OperationalError):
-        return ConnectError(f"cannot connect to PostgreSQL while {doing}: {reason}")
-    translated = translate(exc, doing)
-    return translated if isinstance(translated, ConnectError) else ConnectError(str(translated))
+#: One connection attempt in a libpq error message (a DSN may list several hosts).
+_ATTEMPT = re.compile(
+    r'connection to server (?:at "(?P<host>[^"]*)"(?: \([^)]*\))?, port (?P<port>\d+)|on socket "(?P<socket>[^"]*)")'
+    r" failed: (?P<reason>.*)"
+)
+_SEVERITY = re.compile(r"^(?:FATAL|ERROR):\s+")
+_MALFORMED = re.compile(
+    r'invalid (?:integer |)value .* for connection option|invalid connection option|invalid \w+ value|missing "="'
+    r"|invalid URI|unterminated quoted string|invalid percent-encoded",
+    re.IGNORECASE,
+)
+_AUTH_FAILED = re.compile(
+    r'authentication failed|role ".*" does not exist|not permitted to log in|no pg_hba\.conf entry'
+    r"|pg_hba\.conf rejects|no password supplied|password is required",
+    re.IGNORECASE,
+)
+_DATABASE_MISSING = re.compile(r'database ".*" does not exist', re.IGNORECASE)
+_UNREACHABLE = re.compile(
+    r"connection refused|timeout expired|could not translate host name|failed to resolve host|no route to host"
+    r"|network is unreachable|no such file or directory|could not connect|server closed the connection",
+    re.IGNORECASE,
+)
+
+
+def _libpq_reason(exc: psycopg.Error) -> tuple[str | None, str]:
+    """(server, reason) from libpq's multi-line message, without its decorations."""
+    where: str | None = None
+    reasons: list[str] = []
+    for raw in str(exc).splitlines():
+        line = raw.strip().removeprefix("connection failed: ").removeprefix("connection is bad: ")
+        attempt = _ATTEMPT.search(line)
+        if attempt:
+            if where is None:
+                where = (
+                    f"{attempt['host']}:{attempt['port']}" if attempt["host"] is not None else str(attempt["socket"])
+                )
+            line = attempt["reason"]
+        elif line.startswith(("Is the server running", "HINT:", "DETAIL:")):
+            continue  # libpq's fixed hints; our message gives its own
+        line = _SEVERITY.sub("", line).strip()
+        if line and line not in reasons:
+            reasons.append(line)
+    return where, "; ".join(reasons) or "unknown error"
+
+
+def connect_error(exc: psycopg.Error, doing: str) -> PgfeedError:
+    """One line naming why a connection could not be opened: unreachable server,
+    failed authentication, missing database, malformed DSN, or no CONNECT privilege."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return translate(exc, doing)
+    where, reason = _libpq_reason(exc)
+    at = f" at {where}" if where else ""
+    if _MALFORMED.search(reason):
+        return UsageError(f"malformed DSN: {reason}")
+    if _AUTH_FAILED.search(reason):
+        return AuthenticationFailed(f"authentication failed{at}: {reason}")
+    if _DATABASE_MISSING.search(reason):
+        return DatabaseMissing(f"{reason}{at}: create it, or name an existing database in the DSN")
+    if "permission denied" in reason:
+        return PermissionDenied(f"permission denied{at}: {reason}")
+    if _UNREACHABLE.search(reason):
+        return ServerUnreachable(
+            f"cannot reach PostgreSQL{at}: {reason} (is the server running and accepting connections there?)"
+        )
+    return ConnectError(f"cannot connect to PostgreSQL{at} while {doing}: {reason}")

@@ -37,6 +37,18 @@ class ConnectError(PgfeedError):
     """Cannot connect to PostgreSQL."""
 
 
+class ServerUnreachable(ConnectError):
+    """Cannot reach the PostgreSQL server: is it running and accepting connections?"""
+
+
+class AuthenticationFailed(ConnectError):
+    """PostgreSQL refused the login: check the user and password in the DSN."""
+
+
+class DatabaseMissing(ConnectError):
+    """The database named in the DSN does not exist."""
+
+
 class PermissionDenied(PgfeedError):
     """Permission denied."""
 

@@ -12,16 +12,17 @@ import psycopg
 import structlog
 
 from pgfeed.core.migrations import Migration, check_sequence, parse_file_name, plan
-from pgfeed.errors import MigrationError, PgfeedError, translate
+from pgfeed.errors import MigrationError, PermissionDenied, PgfeedError, translate
 
 log = structlog.get_logger("pgfeed.migrate")
 
 #: Session advisory lock held while migrating ("pgfeed" + 0x0002).
 MIGRATE_LOCK = 7451287230471176194
 
-_BOOTSTRAP = """
+#: Creates the version table; runs in the first migration's transaction.
+BOOTSTRAP_SQL = """
 CREATE SCHEMA IF NOT EXISTS pgfeed;
-CREATE TABLE IF NOT EXISTS pgfeed.schema_version (
+CREATE TABLE pgfeed.schema_version (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     checksum   text NOT NULL,
@@ -60,20 +61,24 @@ class Status:
 
     applied: list[tuple[int, str, str]]  # (version, name, applied_at)
     pending: list[Migration]
+    installed: bool  # whether pgfeed.schema_version exists
 
 
-def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, tuple[str, str, str]]:
-    """version -> (name, checksum, applied_at); empty when pgfeed was never installed."""
+def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, tuple[str, str, str]] | None:
+    """version -> (name, checksum, applied_at); ``None`` when pgfeed was never installed."""
     row = conn.execute("SELECT to_regclass('pgfeed.schema_version') IS NOT NULL").fetchone()
     if not row or not row[0]:
-        return {}
+        return None
     rows = conn.execute("SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version").fetchall()
     return {int(str(v)): (str(n), str(c), str(a)) for v, n, c, a in rows}
 
 
 @contextmanager
 def _migrate_lock(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
-    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,)).fetchone()
+    if not (row and row[0]):
+        log.info("waiting for another pgfeed migrate to finish")
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
     try:
         yield
     finally:
@@ -81,39 +86,61 @@ def _migrate_lock(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
 
-def status(conn: psycopg.Connection[tuple[object, ...]]) -> Status:
-    """What is applied and what would be applied; refuses a tampered or newer database."""
+def _wrap(exc: psycopg.Error, doing: str) -> PgfeedError:
+    err = translate(exc, doing)
+    if isinstance(err, PermissionDenied):
+        return PermissionDenied(
+            f"{err}: run pgfeed migrate as the database owner or a role with CREATE on the database"
+        )
+    return err
+
+
+def status(conn: psycopg.Connection[tuple[object, ...]], directory: Path | None = None) -> Status:
+    """What is applied and what would be applied; refuses a tampered or newer database.
+
+    ``directory`` overrides the shipped migrations (for tests and tools).
+    """
     try:
         applied = applied_versions(conn)
-        pending = plan(load_migrations(), {v: c for v, (_, c, _) in applied.items()})
     except psycopg.Error as exc:
-        raise translate(exc, "reading the pgfeed schema version") from None
-    return Status(sorted((v, n, a) for v, (n, _, a) in applied.items()), pending)
+        raise _wrap(exc, "reading the pgfeed schema version") from None
+    recorded = applied or {}
+    pending = plan(load_migrations(directory), {v: c for v, (_, c, _) in recorded.items()})
+    return Status(sorted((v, n, a) for v, (n, _, a) in recorded.items()), pending, applied is not None)
 
 
-def migrate(conn: psycopg.Connection[tuple[object, ...]], *, dry_run: bool = False) -> list[Migration]:
+def migrate(
+    conn: psycopg.Connection[tuple[object, ...]], *, dry_run: bool = False, directory: Path | None = None
+) -> list[Migration]:
     """Bring the database to the latest schema; return what was (or would be) applied.
 
     ``conn`` must be in autocommit mode. Each file runs in its own transaction
-    together with its version row. Concurrent callers queue on an advisory lock
-    and find nothing left to do.
+    together with its version row; the version table itself is created in the
+    first file's transaction, so a failed first run leaves nothing behind.
+    Concurrent callers queue on an advisory lock and find nothing left to do.
+    A tampered or newer database is refused before anything is changed.
     """
     if not conn.autocommit:
         raise PgfeedError("migrate() needs an autocommit connection")
     if dry_run:
-        return status(conn).pending
+        return status(conn, directory).pending
     try:
         with _migrate_lock(conn):
-            conn.execute(_BOOTSTRAP)
-            todo = status(conn).pending
-            for m in todo:
+            st = status(conn, directory)
+            installed = st.installed
+            for m in st.pending:
                 with conn.transaction():
+                    if not installed:
+                        conn.execute(BOOTSTRAP_SQL)
+                        installed = True
                     conn.execute(m.sql.encode())  # a trusted file shipped with pgfeed
                     conn.execute(
                         "INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)",
                         (m.version, m.name, m.checksum),
                     )
                 log.info("migration applied", version=m.version, name=m.name)
-            return todo
+            if not st.pending:
+                log.info("schema up to date", version=max((v for v, _, _ in st.applied), default=0))
+            return st.pending
     except psycopg.Error as exc:
-        raise translate(exc, "migrating") from None
+        raise _wrap(exc, "migrating") from None

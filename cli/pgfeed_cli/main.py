@@ -124,18 +124,20 @@ def migrate(ctx: click.Context, dry_run: bool, show_status: bool) -> None:
     if show_status:
         _print_status(obj)
         return
-    with obj.conn("migrating") as conn:
-        done = migrator.migrate(conn, dry_run=dry_run)
     if dry_run:
-        if not done:
+        with obj.conn("planning the migration") as conn:
+            st = migrator.status(conn)
+        if not st.pending:
             click.echo("-- nothing to apply: the schema is up to date")
-        for m in done:
+        if st.pending and not st.installed:
+            click.echo(f"-- version table (in the first file's transaction)\n{migrator.BOOTSTRAP_SQL.strip()};")
+        for m in st.pending:
             click.echo(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}")
         return
-    for m in done:
+    with obj.conn("migrating") as conn:
+        done = migrator.migrate(conn)
+    for m in done:  # nothing at all when up to date: a rerun is a quiet no-op (-v logs it)
         click.echo(f"applied {m.version:04d}_{m.name}")
-    if not done:
-        click.echo("up to date", err=True)
 
 
 @migrate.command("status")

@@ -47,8 +47,8 @@ def plan(available: Iterable[Migration], applied: Mapping[int, str]) -> list[Mig
     """The migrations to apply, in order, given ``applied`` (version -> checksum).
 
     Refuses (raising :class:`MigrationError`, before anything is touched) a
-    database that is newer than these files, or whose applied files differ
-    from the shipped ones.
+    database that is newer than these files, whose applied versions have a
+    hole, or whose applied files differ from the shipped ones.
     """
     known = check_sequence(available)
     newest_known = known[-1].version if known else 0
@@ -57,6 +57,12 @@ def plan(available: Iterable[Migration], applied: Mapping[int, str]) -> list[Mig
         raise MigrationError(
             f"the database's pgfeed schema is at version {max(newer)}, newer than this pgfeed knows "
             f"(up to {newest_known}): upgrade pgfeed instead of migrating"
+        )
+    missing = [v for v in range(1, max(applied, default=0)) if v not in applied]
+    if missing:
+        raise MigrationError(
+            f"the database's pgfeed schema records version {max(applied)} but not version {missing[0]}: "
+            "its pgfeed.schema_version table was edited; restore it before migrating"
         )
     for m in known:
         recorded = applied.get(m.version)
