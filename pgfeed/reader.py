@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -734,8 +735,25 @@ class AsyncReader:
                 if self._listen_changed.is_set():
                     break
             if loop.time() >= next_probe:
-                await asyncio.wait_for(conn.execute("SELECT pg_notify(%s, '')", (probe,)), self.probe_timeout)
+                await self._probe(conn, probe)
                 next_probe = loop.time() + self.probe_interval
+
+    async def _probe(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:
+        """Prove the connection answers: a NOTIFY to ourselves within ``probe_timeout``.
+
+        On timeout the socket is shut down rather than the query cancelled:
+        a cancel request to a backend that does not answer would itself hang.
+        """
+        task = asyncio.ensure_future(conn.execute("SELECT pg_notify(%s, '')", (probe,)))
+        done, _ = await asyncio.wait({task}, timeout=self.probe_timeout)
+        if task in done:
+            task.result()
+            return
+        with contextlib.suppress(OSError):
+            socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, self.probe_timeout)
+        raise TimeoutError(f"the listener's connection did not answer a probe within {self.probe_timeout:g}s")
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
