@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,8 +167,3 @@ def assert_positions_increase(rows: list[dict[str, Any]]) -> None:
     positions = [pgfeed.Position.parse(r["position"]) for r in rows]
     assert positions == sorted(positions)
     assert len(set(positions)) == len(positions)
-
-
-@pytest.fixture
-def tmp_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
