@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -444,15 +445,34 @@ def _quiet_stdout_close() -> None:
 
 
 @cli.command("demo")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
-@click.option("--rate", type=click.FloatRange(min=0.1), default=20.0, show_default=True, help="Rows per second.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop after this many seconds of writing (default: until Ctrl-C).",
+)
+@click.option(
+    "--rate", type=click.FloatRange(min=0.1, max=1000), default=20.0, show_default=True, help="Rows per second."
+)
+@click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write every report of the writer and readers to FILE as JSON lines.",
+)
 @pass_ctx
 @user_errors
-def demo(obj: Context, duration: float | None, rate: float) -> None:
-    """A writer and two reader processes on one stream, live, until Ctrl-C."""
+def demo(obj: Context, duration: float | None, rate: float, log_path: Path | None) -> None:
+    """A writer and two reader processes on stream "demo", live, until Ctrl-C.
+
+    Migrates and creates the stream if needed. Ctrl-C or SIGTERM: stop the
+    writer, let each reader confirm the writer's last token, print a summary
+    and exit 0.
+    """
     from pgfeed_cli.demo import run_demo
 
-    run_demo(obj.conninfo, duration=duration, rate=rate)
+    run_demo(obj.conninfo, duration=duration, rate=rate, log_path=log_path)
 
 
 def main() -> None:
