@@ -56,6 +56,13 @@ from pgfeed.writer import CACHES_STREAM
 log = structlog.get_logger("pgfeed.reader")
 
 Since = str | Position
+PRUNED = "the position is older than what the stream still holds (pruned)"
+
+
+class _Interrupted(Exception):
+    """A read that cannot be trusted (pruned or dropped meanwhile); retried after a fresh tick."""
+
+
 ResetCallback = Callable[[str, str], Any]
 
 
@@ -248,7 +255,10 @@ class Subscription:
         start = self._parse_since(self._since, head, meta, "since")
         if start.tick < meta.created_tick:
             self._pending_reset = "the starting position is older than this stream's current incarnation"
-            start = Position(meta.created_tick)
+            start = Position(meta.first_tick)
+        elif start.tick < meta.floor_tick:
+            self._pending_reset = PRUNED
+            start = Position(meta.first_tick)
         self._fetch = start
         self._acked = start
         if self._until_spec is not None:
@@ -259,7 +269,7 @@ class Subscription:
         if isinstance(spec, Position):
             pos = spec
         elif spec == "earliest":
-            return Position(meta.created_tick)
+            return Position(meta.first_tick)
         elif spec == "now":
             return Position(head.id)
         elif isinstance(spec, str):
@@ -270,24 +280,31 @@ class Subscription:
             raise FutureToken(f"position {pos} is beyond anything this database has issued (newest tick {head.id})")
         return pos
 
-    def _check_incarnation(self, metas: dict[str, store.StreamMeta]) -> bool:
-        """Follow a drop/recreate; return False while the stream is missing."""
+    def _check_stream(self, metas: dict[str, store.StreamMeta]) -> bool:
+        """Follow a drop/recreate or a prune past our position; False while the stream is missing."""
         meta = metas.get(self.stream)
         if meta is None:
             if self._meta is not None:
                 log.warning("stream dropped; waiting for it to be recreated", stream=self.stream)
                 self._meta = None
             return False
+        assert self._fetch is not None
         if self._meta is None or meta.id != self._meta.id:
-            log.warning("stream recreated; resetting", stream=self.stream, stream_id=meta.id)
-            self._meta = meta
-            self._pending_reset = "the stream was dropped and recreated"
-            self._fetch = Position(meta.created_tick)
-            self._drain_queue()
-            self._acked = None
-            self._advance(Position(meta.created_tick))
+            self._reset_to(meta, "the stream was dropped and recreated")
             self._reader._listener_dirty()
+        elif self._fetch.tick < meta.floor_tick:
+            self._reset_to(meta, PRUNED)
+        self._meta = meta
         return True
+
+    def _reset_to(self, meta: store.StreamMeta, reason: str) -> None:
+        """Continuity is lost: forget what was read ahead and restart at the stream's first tick."""
+        log.warning("continuity lost; resetting", stream=self.stream, stream_id=meta.id, reason=reason)
+        self._pending_reset = reason
+        self._fetch = Position(meta.first_tick)
+        self._drain_queue()
+        self._acked = None
+        self._advance(Position(meta.first_tick))
 
     def _drain_queue(self) -> None:
         while not self._queue.empty():
@@ -303,14 +320,21 @@ class Subscription:
         if self._until is not None and self._fetch >= self._until:
             return True
         head, metas = await reader._wait_head(self._fetch)
-        if not self._check_incarnation(metas):
+        if not self._check_stream(metas):
             await reader._wait_tick_after(head.id)
             return False
         assert self._meta is not None
         assert self._fetch is not None
         if self._fetch.complete and self._fetch.tick >= head.id:
             return False
-        planned = await reader._plan(self._meta.id, self._fetch, head)
+        try:
+            planned = await reader._plan(self._meta.id, self._fetch, head)
+        except _Interrupted as why:
+            # Pruned or dropped under us: discard the read, let a fresh tick tell.
+            log.info("read interrupted; waiting for a fresh tick", stream=self.stream, reason=str(why))
+            reader._wake.set()
+            await reader._wait_tick_after(head.id)
+            return False
         end = planned.end
         assert end is not None
         if self._until is not None and end > self._until:
@@ -650,7 +674,7 @@ class AsyncReader:
             return cached
         fetched = await store.fetch_ticks(conn, first, last)
         if [t.id for t in fetched] != list(range(first, last + 1)):
-            raise PgfeedError(f"ticks {first}..{last} are missing from pgfeed.ticks; the position cannot be resumed")
+            raise _Interrupted(f"ticks {first}..{last} are no longer all in pgfeed.ticks (pruned)")
         self._ticks.add(fetched)
         return fetched
 
@@ -658,6 +682,7 @@ class AsyncReader:
         """Drive one :func:`read_step` with real queries."""
         assert self._pool is not None
         steps = read_step(pos, head.id, self.batch_size, self.tick_window)
+        start_tick = pos.tick if pos.complete else pos.tick - 1
         async with self._pool.connection() as conn:
             reply: Any = None
             try:
@@ -666,9 +691,13 @@ class AsyncReader:
                     if isinstance(request, NeedTicks):
                         reply = await self._ticks_between(conn, request.first, request.last)
                     else:
-                        reply = await store.fetch_rows(
+                        reply, floor = await store.fetch_rows(
                             conn, stream_id, request.start, request.end, request.limit, request.after
                         )
+                        if floor is None:
+                            raise _Interrupted("the stream was dropped")
+                        if floor > start_tick:
+                            raise _Interrupted(f"the stream was pruned up to tick {floor}")
             except StopIteration as done:
                 planned: Planned[store.StoredRow] = done.value
                 return planned

@@ -26,17 +26,23 @@ class StoredRow:
 
 @dataclass(frozen=True)
 class StreamMeta:
-    """The current incarnation of a stream."""
+    """The current incarnation of a stream and how much of it is retained."""
 
     id: int
     created_tick: int
+    floor_tick: int = 0
+
+    @property
+    def first_tick(self) -> int:
+        """The oldest position the stream can still be read from."""
+        return max(self.created_tick, self.floor_tick)
 
 
 AConn = psycopg.AsyncConnection[Any]
 
 _TICK = """
 SELECT t.id, t.snap,
-       (SELECT coalesce(json_object_agg(s.name, json_build_array(s.id, s.created_tick)), '{}')
+       (SELECT coalesce(json_object_agg(s.name, json_build_array(s.id, s.created_tick, s.floor_tick)), '{}')
           FROM pgfeed.streams s WHERE s.name = ANY(%s::text[]))::text
   FROM pgfeed.tick_v1() t
 """
@@ -53,13 +59,19 @@ SELECT {_ROW_COLUMNS} FROM pgfeed.events
    AND (xid, seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
  ORDER BY xid, seq LIMIT %(limit)s
 """  # noqa: S608  # a constant column list, no user input
+# The stream's floor comes with the rows, read in the same snapshot: if a prune
+# committed before that snapshot, the floor says so; if after, the rows are whole.
 _ROWS_NEW = f"""
-SELECT {_ROW_COLUMNS} FROM pgfeed.events
- WHERE stream_id = %(sid)s
-   AND xid >= %(lo)s::text::xid8 AND xid < %(hi)s::text::xid8
-   AND pg_visible_in_snapshot(xid, %(snap)s::pg_snapshot)
-   AND (xid, seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
- ORDER BY xid, seq LIMIT %(limit)s
+SELECT f.floor_tick, r.*
+  FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
+  LEFT JOIN LATERAL (
+    SELECT {_ROW_COLUMNS} FROM pgfeed.events
+     WHERE stream_id = %(sid)s
+       AND xid >= %(lo)s::text::xid8 AND xid < %(hi)s::text::xid8
+       AND pg_visible_in_snapshot(xid, %(snap)s::pg_snapshot)
+       AND (xid, seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
+     ORDER BY xid, seq LIMIT %(limit)s
+  ) r ON true
 """  # noqa: S608  # a constant column list, no user input
 
 
@@ -69,7 +81,7 @@ async def take_tick(conn: AConn, streams: Sequence[str]) -> tuple[Tick, dict[str
     cur = await conn.execute(_TICK, (list(streams),))
     row = await cur.fetchone()
     assert row is not None
-    metas = {name: StreamMeta(int(v[0]), int(v[1])) for name, v in json.loads(row[2]).items()}
+    metas = {name: StreamMeta(int(v[0]), int(v[1]), int(v[2])) for name, v in json.loads(row[2]).items()}
     return Tick(int(row[0]), Snapshot.parse(row[1])), metas
 
 
@@ -93,23 +105,23 @@ async def fetch_rows(
     end: Snapshot,
     limit: int,
     after: tuple[int, int] = (0, 0),
-) -> list[StoredRow]:
+) -> tuple[list[StoredRow], int | None]:
     """The first ``limit`` rows, in ``(xid, seq)`` order after ``after``, whose
-    xid is visible in ``end`` and not in ``start``."""
-    running = [str(x) for x in sorted(start.xip) if end.visible(x) and (x, 2**63) > after]
-    params = {
-        "sid": stream_id,
-        "after_xid": after[0],
-        "after_seq": after[1],
-        "limit": limit,
-    }
+    xid is visible in ``end`` and not in ``start``; and the stream's floor
+    tick as of that read (None if the stream no longer exists)."""
+    running = [str(x) for x in sorted(start.xip) if end.visible(x) and x >= after[0]]
+    params = {"sid": stream_id, "after_xid": after[0], "after_seq": after[1], "limit": limit}
     rows: list[StoredRow] = []
     if running:
         cur = await conn.execute(_ROWS_RUNNING, {**params, "running": running})
         rows.extend(StoredRow(int(x), int(s), c, k, p) for x, s, c, k, p in await cur.fetchall())
-    if len(rows) < limit and end.xmax > start.xmax:
-        cur = await conn.execute(
-            _ROWS_NEW, {**params, "lo": start.xmax, "hi": end.xmax, "snap": str(end), "limit": limit - len(rows)}
-        )
-        rows.extend(StoredRow(int(x), int(s), c, k, p) for x, s, c, k, p in await cur.fetchall())
-    return rows
+    cur = await conn.execute(
+        _ROWS_NEW, {**params, "lo": start.xmax, "hi": max(end.xmax, start.xmax), "snap": str(end), "limit": limit}
+    )
+    found = await cur.fetchall()
+    if not found:
+        return [], None
+    floor = int(found[0][0])
+    rows.extend(StoredRow(int(x), int(s), c, k, p) for _, x, s, c, k, p in found if x is not None)
+    rows.sort(key=lambda r: (r.xid, r.seq))
+    return rows[:limit], floor

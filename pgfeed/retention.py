@@ -1,0 +1,38 @@
+"""Pruning: delete old events and ticks, and raise each stream's floor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgfeed.errors import UsageError, translate
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What one prune did."""
+
+    floor_tick: int
+    ticks_deleted: int
+    events_deleted: int
+
+
+def prune(conn: psycopg.Connection[Any], older_than_seconds: float) -> PruneResult:
+    """Delete every event committed before the newest tick older than
+    ``older_than_seconds``, and the ticks before it.
+
+    Readers whose position is older than the new floor reset (their
+    ``on_reset`` callbacks fire) instead of silently skipping what was deleted.
+    """
+    if older_than_seconds < 0:
+        raise UsageError("the retention must not be negative")
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT * FROM pgfeed.prune_v1(%s)", (timedelta(seconds=older_than_seconds),)).fetchone()
+    except psycopg.Error as exc:
+        raise translate(exc, "pruning") from None
+    assert row is not None
+    return PruneResult(int(row[0]), int(row[1]), int(row[2]))
