@@ -409,6 +409,7 @@ class AsyncReader:
         self._reset_callbacks: list[ResetCallback] = []
         self._invalidators: dict[str, list[Callable[[list[str] | None], Any]]] = {}
         self._cache_subscription: Subscription | None = None
+        self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since]] = []
         self._open = False
         self._conninfo = ""
 
@@ -449,6 +450,13 @@ class AsyncReader:
             asyncio.create_task(self._tick_loop(), name="pgfeed-ticker"),
         ]
         log.info("reader opened")
+        pending, self._pending_callbacks = self._pending_callbacks, []
+        try:
+            for stream, fn, since in pending:
+                await self._start_callback(stream, fn, since)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -495,9 +503,33 @@ class AsyncReader:
             raise
         return sub
 
-    async def on(self, stream: str, fn: Callable[[Batch], Any], since: Since = "earliest") -> Subscription:
+    def on(self, stream: str, fn: Callable[[Batch], Any] | None = None, *, since: Since = "earliest") -> Any:
         """Call ``fn(batch)`` for every batch of ``stream``, in order, one at a
-        time. A sync ``fn`` runs in a worker thread; an async one on the loop."""
+        time. A sync ``fn`` runs in a worker thread; an async one on the loop.
+
+        Before :meth:`open`, registers ``fn`` to start when the reader opens
+        (``open()`` raises if the stream is unknown); usable as a decorator::
+
+            @reader.on("orders", since="now")
+            async def handle(batch): ...
+
+        On an open reader it returns a task; await it to get the
+        :class:`Subscription` (and any error, e.g. :class:`UnknownStream`).
+        """
+        check_stream_name(stream)
+        if fn is None:
+
+            def register(f: Callable[[Batch], Any]) -> Callable[[Batch], Any]:
+                self.on(stream, f, since=since)
+                return f
+
+            return register
+        if not self._open:
+            self._pending_callbacks.append((stream, fn, since))
+            return fn
+        return asyncio.ensure_future(self._start_callback(stream, fn, since))
+
+    async def _start_callback(self, stream: str, fn: Callable[[Batch], Any], since: Since) -> Subscription:
         sub = await self.subscribe(stream, since)
         self._spawn_consumer(sub, fn)
         return sub
@@ -525,8 +557,7 @@ class AsyncReader:
         self._require_open()
         self._invalidators.setdefault(cache_name, []).append(fn)
         if self._cache_subscription is None:
-            self._cache_subscription = await self.subscribe(CACHES_STREAM, "now")
-            self._spawn_consumer(self._cache_subscription, self._dispatch_invalidations)
+            self._cache_subscription = await self._start_callback(CACHES_STREAM, self._dispatch_invalidations, "now")
 
     async def _dispatch_invalidations(self, batch: Batch) -> None:
         if batch.reset:

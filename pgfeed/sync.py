@@ -115,9 +115,29 @@ class Reader:
         """See :meth:`AsyncReader.subscribe`."""
         return SyncSubscription(self, self._call(self._async.subscribe(stream, since, until=until)))
 
-    def on(self, stream: str, fn: Callable[[Batch], Any], since: Since = "earliest") -> SyncSubscription:
-        """See :meth:`AsyncReader.on`; ``fn`` runs on a background thread."""
-        return SyncSubscription(self, self._call(self._async.on(stream, fn, since)))
+    def on(self, stream: str, fn: Callable[[Batch], Any] | None = None, *, since: Since = "earliest") -> Any:
+        """See :meth:`AsyncReader.on`; ``fn`` runs on a background thread.
+
+        On an open reader it starts at once and returns the
+        :class:`SyncSubscription`; before :meth:`open` (or as a decorator)
+        it is registered and starts when the reader opens.
+        """
+        if fn is None:
+
+            def register(f: Callable[[Batch], Any]) -> Callable[[Batch], Any]:
+                self.on(stream, f, since=since)
+                return f
+
+            return register
+        if not self._started:
+            self._async.on(stream, fn, since=since)
+            return fn
+
+        async def start() -> Subscription:
+            task: asyncio.Future[Subscription] = self._async.on(stream, fn, since=since)
+            return await task
+
+        return SyncSubscription(self, self._call(start()))
 
     def on_reset(self, fn: ResetCallback) -> None:
         """See :meth:`AsyncReader.on_reset`."""

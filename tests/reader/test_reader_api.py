@@ -220,3 +220,39 @@ def test_sync_subscription_next_with_timeout(
         batch = sub.next(timeout=5)
         assert batch is not None
         assert [r.payload["id"] for r in batch.rows] == [7]
+
+
+async def test_decorator_form_starts_with_the_reader(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    pgfeed.append(pgfeed_conn, stream, {"id": "before"})
+    reader = pgfeed.AsyncReader(pgfeed_dsn)
+    got: list[Any] = []
+
+    @reader.on(stream, since="earliest")
+    async def handle(batch: pgfeed.Batch) -> None:
+        got.extend(r.payload["id"] for r in batch.rows)
+
+    async with reader:
+        token = pgfeed.commit_token(pgfeed_conn)
+        await reader.wait_for(stream, token, timeout=5)
+    assert got == ["before"]
+
+    broken = pgfeed.AsyncReader(pgfeed_dsn)
+    broken.on("nosuch", handle)
+    with pytest.raises(UnknownStream):
+        await broken.open()
+
+
+def test_sync_decorator_form(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]) -> None:
+    reader = pgfeed.Reader(pgfeed_dsn)
+    got: list[Any] = []
+
+    @reader.on(stream, since="now")
+    def handle(batch: pgfeed.Batch) -> None:
+        got.extend(r.payload["id"] for r in batch.rows)
+
+    with reader:
+        pgfeed.append(pgfeed_conn, stream, {"id": 1})
+        reader.wait_for(stream, pgfeed.commit_token(pgfeed_conn), timeout=5)
+    assert got == [1]
