@@ -167,6 +167,20 @@ def _libpq_reason(exc: psycopg.Error) -> tuple[str | None, str]:
     return where, "; ".join(reasons) or "unknown error"
 
 
+async def aconnect(
+    conninfo: str, *, autocommit: bool = True, doing: str = "connecting"
+) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    """The asyncio twin of :func:`connect`, with the same one-line errors.
+
+    Open one connection this way before starting a pool, so that a wrong DSN
+    fails at once with a clear message instead of the pool's retries.
+    """
+    try:
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=autocommit, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise connect_error(exc, doing) from None
+
+
 def connect_error(exc: psycopg.Error, doing: str) -> PgfeedError:
     """One line naming why a connection could not be opened: unreachable server,
     failed authentication, missing database, malformed DSN, or no CONNECT privilege."""

@@ -4,6 +4,7 @@ Plus the DSN resolution order (no server needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -21,7 +22,13 @@ from pgfeed_cli.main import cli
 from psycopg import sql
 
 from pgfeed import connect
-from pgfeed.errors import EmbeddedUnavailable, UsageError
+from pgfeed.errors import (
+    AuthenticationFailed,
+    DatabaseMissing,
+    EmbeddedUnavailable,
+    ServerUnreachable,
+    UsageError,
+)
 from pgfeed.testing import TestServer, drop_database
 
 PGFEED = shutil.which("pgfeed", path=str(Path(sys.executable).parent)) or "pgfeed"
@@ -197,6 +204,24 @@ def test_no_dsn_and_no_embedded_extra_says_what_to_do(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     line = assert_one_line_error(proc, "pip install 'pgfeed[embedded]'", "--dsn", "PGFEED_DSN")
     assert "embedded PostgreSQL is not installed" in line
+
+
+def test_library_errors_are_typed_for_sync_and_async(pgfeed_server: TestServer) -> None:
+    cases = [
+        (f"host=127.0.0.1 port={closed_port()} dbname=postgres", ServerUnreachable),
+        (pgfeed_server.dsn_for("postgres", user="pgfeed_no_such_role"), AuthenticationFailed),
+        (pgfeed_server.dsn_for("pgfeed_no_such_db"), DatabaseMissing),
+        ("postgresql://127.0.0.1:notaport/db", UsageError),
+    ]
+    for dsn, error in cases:
+        with pytest.raises(error) as sync_info:
+            connect.connect(dsn)
+        with pytest.raises(error) as async_info:
+            asyncio.run(connect.aconnect(dsn))
+        assert str(sync_info.value) == str(async_info.value)
+        assert "\n" not in str(sync_info.value)
+    with connect.connect(pgfeed_server.dsn) as conn:
+        assert conn.autocommit
 
 
 # -- where to connect (no server needed) ---------------------------------------
