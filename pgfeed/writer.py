@@ -8,15 +8,15 @@ outbox).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Sequence
 from typing import Any, overload
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import PgfeedError, UsageError, translate
+from pgfeed.errors import PayloadError, PgfeedError, UsageError, translate
 
 #: The built-in stream that :func:`invalidate` appends to.
 CACHES_STREAM = "caches"
@@ -24,20 +24,47 @@ CACHES_STREAM = "caches"
 _Query = tuple[str, tuple[Any, ...], str]
 
 
-def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
-    check_stream_name(stream)
+def encode_payload(payload: Any) -> str:
+    """``payload`` as JSON text, or :class:`PayloadError` if it is not JSON.
+
+    Any JSON value is a valid payload: object, array, string, number, boolean
+    or null (Python ``None`` is JSON null). NaN and infinities are not JSON.
+    """
+    try:
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text.encode()  # a lone surrogate cannot be sent to the server
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise PayloadError(f"payload is not JSON: {exc}") from None
+    return text
+
+
+def _check_key(key: object) -> None:
     if key is not None and not isinstance(key, str):
         raise UsageError(f"invalid key {key!r}: expected a string or None")
-    return "SELECT pgfeed.append_v1(%s, %s, %s)", (stream, Jsonb(payload), key), f"appending to {stream!r}"
+
+
+def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
+    check_stream_name(stream)
+    _check_key(key)
+    return (
+        "SELECT pgfeed.append_v1(%s, %s::jsonb, %s)",
+        (stream, encode_payload(payload), key),
+        f"appending to {stream!r}",
+    )
 
 
 def _append_many_query(stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None) -> _Query:
     check_stream_name(stream)
-    if keys is not None and len(keys) != len(payloads):
-        raise UsageError(f"{len(keys)} keys given for {len(payloads)} payloads: give one key per payload or none")
+    if isinstance(payloads, str | bytes) or not isinstance(payloads, Sequence):
+        raise UsageError("payloads must be a sequence (a list of JSON values), not a single value")
+    if keys is not None:
+        if isinstance(keys, str | bytes) or len(keys) != len(payloads):
+            raise UsageError(f"{len(keys)} keys given for {len(payloads)} payloads: give one key per payload or none")
+        for k in keys:
+            _check_key(k)
     return (
-        "SELECT pgfeed.append_many_v1(%s, %s::jsonb[], %s::text[])",
-        (stream, [Jsonb(p) for p in payloads], list(keys) if keys is not None else None),
+        "SELECT pgfeed.append_many_v1(%s, %s::text[]::jsonb[], %s::text[])",
+        (stream, [encode_payload(p) for p in payloads], list(keys) if keys is not None else None),
         f"appending to {stream!r}",
     )
 
@@ -54,14 +81,24 @@ def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
     )
 
 
+def _translate(exc: psycopg.Error, doing: str) -> PgfeedError:
+    # JSON the server cannot store (a \u0000 escape, a character the database
+    # encoding lacks) is the payload's fault, not a server failure.
+    if isinstance(exc, psycopg.errors.UntranslatableCharacter | psycopg.errors.CharacterNotInRepertoire):
+        return PayloadError(f"{doing} failed: the server cannot store this payload: {exc.diag.message_primary}")
+    return translate(exc, doing)
+
+
 def _run(conn: Any, query: _Query) -> Any:
     text, params, doing = query
     if isinstance(conn, psycopg.AsyncConnection):
         return _run_async(conn, text, params, doing)
+    if not isinstance(conn, psycopg.Connection):
+        raise UsageError(f"expected a psycopg Connection or AsyncConnection, got {type(conn).__name__}")
     try:
         row = conn.execute(text, params).fetchone()
     except psycopg.Error as exc:
-        raise translate(exc, doing) from None
+        raise _translate(exc, doing) from None
     return row[0] if row else None
 
 
@@ -70,7 +107,7 @@ async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tupl
         cur = await conn.execute(text, params)
         row = await cur.fetchone()
     except psycopg.Error as exc:
-        raise translate(exc, doing) from None
+        raise _translate(exc, doing) from None
     return row[0] if row else None
 
 
@@ -79,12 +116,16 @@ def append(conn: psycopg.AsyncConnection[Any], stream: str, payload: Any, key: s
 @overload
 def append(conn: psycopg.Connection[Any], stream: str, payload: Any, key: str | None = None) -> int: ...
 def append(conn: Any, stream: str, payload: Any, key: str | None = None) -> Any:
-    """Append ``payload`` (any JSON-serialisable value) to ``stream`` in the
-    connection's current transaction; return the row's sequence number.
+    """Append ``payload`` to ``stream`` in the connection's current
+    transaction; return the row's sequence number.
 
-    Call :func:`commit_token` after committing for a read-your-writes token.
+    ``payload`` is any JSON value: a dict, list, str, int, float, bool, or
+    ``None`` (stored as JSON null). The row exists if and only if the caller's
+    transaction commits; this function never commits. Call
+    :func:`commit_token` after committing for a read-your-writes token.
     Raises :class:`~pgfeed.errors.UnknownStream`, :class:`~pgfeed.errors.PayloadError`
-    (over the stream's size limit) or :class:`~pgfeed.errors.PermissionDenied`.
+    (not JSON, or over the stream's size limit: the transaction is then
+    aborted, roll it back) or :class:`~pgfeed.errors.PermissionDenied`.
     """
     return _run(conn, _append_query(stream, payload, key))
 
@@ -98,7 +139,11 @@ def append_many(
     conn: psycopg.Connection[Any], stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None = None
 ) -> int: ...
 def append_many(conn: Any, stream: str, payloads: Sequence[Any], keys: Sequence[str | None] | None = None) -> Any:
-    """Append many payloads in one call (one round trip); return how many."""
+    """Append many payloads in one call (one round trip); return how many.
+
+    All or nothing: if one payload is refused (not JSON, over the size
+    limit), none is appended. ``keys``, if given, holds one key per payload.
+    """
     return _run(conn, _append_many_query(stream, payloads, keys))
 
 

@@ -234,7 +234,7 @@ def stream_drop(obj: Context, name: str, yes: bool) -> None:
 @cli.command("append")
 @click.argument("stream_name", metavar="STREAM")
 @click.argument("payload", metavar="JSON|-")
-@click.option("--key", default=None, help="Optional key stored with the row.")
+@click.option("--key", default=None, help="Optional key stored with the row (with -: with every row).")
 @click.option(
     "--batch",
     "batch_size",
@@ -248,44 +248,105 @@ def stream_drop(obj: Context, name: str, yes: bool) -> None:
 def append_cmd(obj: Context, stream_name: str, payload: str, key: str | None, batch_size: int) -> None:
     """Append one JSON value to STREAM, or JSON lines from stdin with -.
 
-    With -, each transaction holds --batch lines (default 1). An invalid line
-    stops the command with its line number; transactions already committed
-    stay, and nothing of the invalid line's transaction is written.
+    A payload is any JSON value: object, array, string, number, true, false or
+    null (NaN and Infinity are not JSON). The server refuses payloads larger
+    than the stream's limit (stream create --max-payload-bytes). Put -- before
+    a value that starts with a dash: pgfeed append STREAM -- -1.
+
+    With -, stdin holds one JSON value per line (UTF-8; blank lines are
+    skipped but counted). Lines are appended in order, in transactions of
+    --batch lines each (default 1: one transaction per line). At the first
+    line that is not valid JSON or that the server refuses, the command stops
+    with an error naming that line and exits non-zero: every transaction
+    committed before that line's transaction stays committed (the error says
+    how many rows), nothing of that line's transaction is written (neither
+    the line nor the lines before it in the same batch), and no later line is
+    read.
     """
     check_stream_name(stream_name)
     with obj.conn("appending") as conn:
+        admin.stream_id(conn, stream_name)  # an unknown stream fails before stdin is read
         if payload != "-":
-            value = _parse_json(payload, "argument")
+            value = _parse_json(payload, "the JSON argument")
             with conn.transaction():
                 seq = append(conn, stream_name, value, key)
             click.echo(f"appended seq {seq}")
             return
-        total = 0
-        pending: list[Any] = []
-        for lineno, line in enumerate(sys.stdin, start=1):
-            if not line.strip():
-                continue
-            pending.append(_parse_json(line, f"line {lineno}"))
-            if len(pending) >= batch_size:
-                total += _flush(conn, stream_name, pending, key)
-        total += _flush(conn, stream_name, pending, key)
-        click.echo(f"appended {total} rows")
+        lines = _LineAppender(conn, stream_name, key, batch_size)
+        for lineno, raw in enumerate(sys.stdin.buffer, start=1):
+            lines.add(lineno, raw)
+        lines.flush()
+        click.echo(f"appended {lines.committed} rows")
 
 
-def _flush(conn: psycopg.Connection[Any], stream_name: str, pending: list[Any], key: str | None) -> int:
-    if not pending:
-        return 0
-    with conn.transaction():
-        n = int(append_many(conn, stream_name, pending, [key] * len(pending) if key else None))
-    pending.clear()
-    return n
+class _LineAppender:
+    """``pgfeed append STREAM -``: JSON lines committed in batches (see its --help)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], stream: str, key: str | None, batch_size: int) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.key = key
+        self.batch_size = batch_size
+        self.committed = 0
+        self.pending: list[tuple[int, Any]] = []
+
+    def add(self, lineno: int, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._stopped(UsageError(f"line {lineno} is not UTF-8 (byte {exc.start + 1})"), lineno) from None
+        if not text.strip():
+            return
+        try:
+            value = _parse_json(text, f"line {lineno}")
+        except UsageError as exc:
+            raise self._stopped(exc, lineno) from None
+        self.pending.append((lineno, value))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        first, last = self.pending[0][0], self.pending[-1][0]
+        where = f"line {first}" if first == last else f"lines {first}-{last}"
+        values = [v for _, v in self.pending]
+        try:
+            with self.conn.transaction():
+                if len(values) == 1:
+                    append(self.conn, self.stream, values[0], self.key)
+                else:
+                    append_many(self.conn, self.stream, values, [self.key] * len(values) if self.key else None)
+        except PgfeedError as exc:
+            raise self._stopped(type(exc)(f"{where}: {exc}"), last) from None
+        except psycopg.Error as exc:  # the COMMIT itself failed: its outcome is unknown
+            err = translate(exc, f"committing {where}")
+            raise type(err)(
+                f"{err} ({self.committed} rows committed before line {first}; {where} may or may not be committed)"
+            ) from None
+        self.committed += len(values)
+        self.pending.clear()
+
+    def _stopped(self, exc: PgfeedError, lineno: int) -> PgfeedError:
+        first = self.pending[0][0] if self.pending else lineno
+        return type(exc)(
+            f"{exc} ({self.committed} rows committed before line {first}; nothing from line {first} on was written)"
+        )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _parse_json(text: str, where: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON on {where}: {exc.msg} at column {exc.colno}") from None
+    except ValueError as exc:
+        raise UsageError(f"invalid JSON on {where}: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"invalid JSON on {where}: nested too deeply") from None
 
 
 # -- capture ------------------------------------------------------------------
