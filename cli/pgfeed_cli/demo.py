@@ -62,11 +62,12 @@ def run_demo(conninfo: str, *, duration: float | None, rate: float, log_path: Pa
     Raises :class:`~pgfeed.errors.PgfeedError` if a child fails or the readers
     disagree; children are never left behind.
     """
-    _prepare(conninfo)
     with _StopSignals() as stop, _open_log(log_path) as log:
+        _prepare(conninfo)
         demo = _Demo(conninfo, rate, stop, log)
         try:
-            demo.run(duration)
+            if not stop.requested.is_set():
+                demo.run(duration)
         finally:
             demo.kill_all()
     demo.print_summary()
@@ -333,7 +334,12 @@ class _Demo:
         return True
 
     # -- the show -----------------------------------------------------------
+    @property
+    def wrote_any(self) -> bool:
+        return (self.final_token or self.last_token) is not None
+
     def run(self, duration: float | None) -> None:
+        self.say(f'pgfeed demo: stream "{STREAM}" is ready; starting a writer and two reader processes...')
         self.spawn("writer", "writer", "--rate", repr(self.rate))
         self.spawn("a", "reader", "--name", "a", "--api", "async")
         self.spawn("b", "reader", "--name", "b", "--api", "sync")
@@ -353,10 +359,7 @@ class _Demo:
 
     def _print_header(self) -> None:
         pids = {n: c.proc.pid for n, c in self.children.items()}
-        self.say(
-            f'pgfeed demo: a writer (pid {pids["writer"]}) appends {self.rate:g} rows/s to stream "{STREAM}", '
-            "one transaction each;"
-        )
+        self.say(f"a writer (pid {pids['writer']}) appends {self.rate:g} rows/s, one transaction each;")
         self.say(
             f"reader a (pid {pids['a']}, AsyncReader) and reader b (pid {pids['b']}, Reader) follow it "
             f"from position {self.order.floor}. Ctrl-C to stop."
@@ -426,7 +429,7 @@ class _Demo:
         else:
             self.say(f"  order: identical in both readers ({self.order.compared} rows compared, same positions)")
         caught_up = all(s.caught_up for s in self.readers.values())
-        if self.failure is None and not self.stop.hurry.is_set() and not caught_up:
+        if self.failure is None and self.wrote_any and not self.stop.hurry.is_set() and not caught_up:
             self.failure = "a reader did not reach the writer's last token"
 
 
