@@ -10,7 +10,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from pgfeed.core.names import check_stream_name
+from pgfeed.core.names import check_stream_name, format_qualified_table
 from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
 
 Conn = psycopg.Connection[Any]
@@ -113,15 +113,30 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
         raise translate(exc, "listing streams") from None
 
 
-def drop_stream(conn: Conn, name: str) -> None:
-    """Drop a stream and all its rows. Readers following it reset."""
-    sid = stream_id(conn, name)
+def drop_stream(conn: Conn, name: str) -> list[str]:
+    """Drop a stream, all its rows and its table captures; return the captured
+    tables (``schema.table``) whose capture was removed. Readers following it reset."""
+    check_stream_name(name)
     try:
         with conn.transaction():
+            row = conn.execute("SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is None:
+                raise UnknownStream(f"unknown stream {name!r}: nothing dropped")
+            sid = int(row[0])
+            captured = _captured_tables(conn, sid)
+            for schema, table in captured:
+                conn.execute(
+                    sql.SQL("DROP TRIGGER {} ON {}").format(
+                        sql.Identifier(_trigger_name(sid)), sql.Identifier(schema, table)
+                    )
+                )
             conn.execute(sql.SQL("DROP TABLE {}").format(_partition(sid)))
             conn.execute("DELETE FROM pgfeed.streams WHERE id = %s", (sid,))
+    except PgfeedError:
+        raise
     except psycopg.Error as exc:
         raise translate(exc, f"dropping stream {name!r}") from None
+    return [format_qualified_table(schema, table) for schema, table in captured]
 
 
 def _role_exists(conn: Conn, role: str) -> None:
@@ -199,6 +214,47 @@ def _trigger_name(sid: int) -> str:
     return f"pgfeed_capture_{sid}"
 
 
+def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
+    """(schema, table) of every table captured into stream ``sid``; clones of a
+    partitioned table's trigger on its partitions are not listed."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE t.tgname = %s AND t.tgfoid = 'pgfeed.capture_v1()'::regprocedure AND t.tgparentid = 0"
+        " ORDER BY 1, 2",
+        (_trigger_name(sid),),
+    ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+CAPTURE_OPS = ("insert", "update", "delete")
+
+
+def _check_ops(ops: list[str] | None) -> list[str]:
+    if ops is None:
+        return list(CAPTURE_OPS)
+    bad = [o for o in ops if o not in CAPTURE_OPS]
+    if bad or not ops:
+        raise UsageError(
+            f"invalid operations {','.join(ops)!r}: expected a non-empty subset of {','.join(CAPTURE_OPS)}"
+        )
+    return [o for o in CAPTURE_OPS if o in ops]
+
+
+def _table_oid(conn: Conn, schema: str, table: str) -> int:
+    row = conn.execute(
+        "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    shown = format_qualified_table(schema, table)
+    if row is None:
+        raise UsageError(f"unknown table {shown}: no such table (quote names with capitals: '\"Orders\"')")
+    if row[1] not in ("r", "p"):
+        raise UsageError(f"cannot capture {shown}: it is not a table (only tables and partitioned tables)")
+    return int(row[0])
+
+
 def capture(
     conn: Conn,
     schema: str,
@@ -211,28 +267,23 @@ def capture(
 ) -> list[str]:
     """Install a row trigger on ``schema.table`` appending each change to ``stream``.
 
-    Each row appended is ``{"op", "table", "key": {pk columns}, "row": {fields}}``.
+    Each row appended is ``{"op", "table", "key": {key columns}, "row": {fields}}``
+    (``row`` holds ``columns`` only when given; a delete carries the old row),
+    in the writer's transaction; the event key is the ``key`` object as text.
+    ``ops`` is a subset of insert, update, delete (default all). Capturing the
+    same table into the same stream again replaces the previous settings.
     Returns the key columns used. A table without a primary key needs ``key``.
     """
+    ops = _check_ops(ops)
     sid = stream_id(conn, stream)
-    ops = ops or ["insert", "update", "delete"]
-    bad = [o for o in ops if o not in ("insert", "update", "delete")]
-    if bad or not ops:
-        raise UsageError(f"invalid operation {bad[0]!r}: expected a subset of insert,update,delete")
     try:
         with conn.transaction():
-            rel = conn.execute(
-                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-                (schema, table),
-            ).fetchone()
-            if rel is None:
-                raise UsageError(f"unknown table {schema}.{table}: expected an existing ordinary table")
+            oid = _table_oid(conn, schema, table)
             existing = {
                 str(r[0])
                 for r in conn.execute(
                     "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
-                    (rel[0],),
+                    (oid,),
                 ).fetchall()
             }
             if key is None:
@@ -242,14 +293,15 @@ def capture(
                         "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
                         " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
                         " WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-                        (rel[0],),
+                        (oid,),
                     ).fetchall()
                 ]
                 if not key:
-                    raise UsageError(f"table {schema}.{table} has no primary key: name the key columns with --key a,b")
+                    shown = format_qualified_table(schema, table)
+                    raise UsageError(f"table {shown} has no primary key: name the key columns with --key a,b")
             for col in [*key, *(columns or [])]:
                 if col not in existing:
-                    raise UsageError(f"table {schema}.{table} has no column {col!r}")
+                    raise UsageError(f"table {format_qualified_table(schema, table)} has no column {col!r}")
             trigger = sql.Identifier(_trigger_name(sid))
             target = sql.Identifier(schema, table)
             conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, target))
@@ -268,33 +320,32 @@ def capture(
     except PgfeedError:
         raise
     except psycopg.Error as exc:
-        raise translate(exc, f"capturing {schema}.{table}") from None
+        raise translate(exc, f"capturing {format_qualified_table(schema, table)}") from None
     return key
 
 
 def uncapture(conn: Conn, schema: str, table: str, stream: str) -> bool:
-    """Remove the capture trigger; return whether there was one."""
+    """Remove the capture of ``schema.table`` into ``stream``; return whether there was one."""
     sid = stream_id(conn, stream)
     try:
         with conn.transaction():
-            found = conn.execute(
-                "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s",
-                (schema, table, _trigger_name(sid)),
-            ).fetchone()
+            _table_oid(conn, schema, table)
+            found = (schema, table) in _captured_tables(conn, sid)
             if found:
                 conn.execute(
                     sql.SQL("DROP TRIGGER {} ON {}").format(
                         sql.Identifier(_trigger_name(sid)), sql.Identifier(schema, table)
                     )
                 )
+    except PgfeedError:
+        raise
     except psycopg.Error as exc:
-        raise translate(exc, f"uncapturing {schema}.{table}") from None
-    return found is not None
+        raise translate(exc, f"uncapturing {format_qualified_table(schema, table)}") from None
+    return found
 
 
 __all__ = [
+    "CAPTURE_OPS",
     "NOTIFY_MODES",
     "PermissionDenied",
     "StreamInfo",

@@ -19,7 +19,14 @@ import psycopg
 import structlog
 
 from pgfeed import admin, connect, migrator
-from pgfeed.core.names import STREAM_NAME_RULE, check_stream_name, parse_column_list, parse_qualified_table
+from pgfeed.core.names import (
+    STREAM_NAME_RULE,
+    check_stream_name,
+    format_qualified_table,
+    parse_column_list,
+    parse_qualified_table,
+    quote_name,
+)
 from pgfeed.errors import PgfeedError, StreamExists, UsageError, translate
 from pgfeed.reader import AsyncReader, Row
 from pgfeed.writer import append, append_many
@@ -221,13 +228,15 @@ def stream_list(obj: Context, as_json: bool) -> None:
 @pass_ctx
 @user_errors
 def stream_drop(obj: Context, name: str, yes: bool) -> None:
-    """Drop stream NAME and all its rows (needs --yes)."""
+    """Drop stream NAME, all its rows and its table captures (needs --yes)."""
     check_stream_name(name)
     if not yes:
         raise UsageError(f"dropping stream {name!r} deletes all its rows: repeat with --yes to confirm")
     with obj.conn("dropping a stream") as conn:
-        admin.drop_stream(conn, name)
+        uncaptured = admin.drop_stream(conn, name)
     click.echo(f"dropped stream {name}")
+    for table in uncaptured:
+        click.echo(f"removed capture of {table} into {name}")
 
 
 # -- append ------------------------------------------------------------------
@@ -353,18 +362,29 @@ def _parse_json(text: str, where: str) -> Any:
 @cli.command("capture")
 @click.argument("table")
 @click.option("--stream", "stream_name", required=True, help="Stream the changes go to.")
-@click.option("--columns", default=None, help="Comma-separated columns to include (default: all).")
+@click.option("--columns", default=None, help="Comma-separated columns to put in row (default: all).")
 @click.option("--ops", default="insert,update,delete", show_default=True, help="Operations to capture.")
-@click.option("--key", "key_columns", default=None, help="Key columns, for tables without a primary key.")
+@click.option("--key", "key_columns", default=None, help="Key columns (default: the primary key).")
 @pass_ctx
 @user_errors
 def capture_cmd(
     obj: Context, table: str, stream_name: str, columns: str | None, ops: str, key_columns: str | None
 ) -> None:
-    """Capture row changes of SCHEMA.TABLE into a stream (row triggers)."""
+    """Capture row changes of [SCHEMA.]TABLE into a stream (row triggers).
+
+    Each inserted, updated or deleted row appends {"op", "table", "key",
+    "row"} to the stream in the writer's own transaction: op is insert,
+    update or delete; table is schema.table; key holds the key columns'
+    values; row holds the new row (the old one for a delete), limited to
+    --columns. A table without a primary key needs --key. Names are read as
+    in SQL: quote capitals, e.g. 'shop."Orders"'. TRUNCATE is not captured.
+    Capturing the same table into the same stream again replaces the
+    settings. If the append fails (say the payload is over the stream's
+    limit), the writer's statement fails with pgfeed's error.
+    """
     schema, name = parse_qualified_table(table)
     check_stream_name(stream_name)
-    ops_list = [o.strip().lower() for o in ops.split(",") if o.strip()]
+    ops_list = [o.strip().lower() for o in ops.split(",")]
     with obj.conn("installing capture") as conn:
         key = admin.capture(
             conn,
@@ -375,20 +395,23 @@ def capture_cmd(
             key=parse_column_list(key_columns),
             ops=ops_list,
         )
-    click.echo(f"capturing {schema}.{name} into {stream_name} (key: {', '.join(key)})")
+    shown = format_qualified_table(schema, name)
+    click.echo(f"capturing {shown} into {stream_name} (key: {', '.join(quote_name(k) for k in key)})")
 
 
 @cli.command("uncapture")
 @click.argument("table")
-@click.option("--stream", "stream_name", required=True)
+@click.option("--stream", "stream_name", required=True, help="The stream the table is captured into.")
 @pass_ctx
 @user_errors
 def uncapture_cmd(obj: Context, table: str, stream_name: str) -> None:
-    """Remove the capture of SCHEMA.TABLE into a stream."""
+    """Remove the capture of [SCHEMA.]TABLE into a stream (a no-op if there is none)."""
     schema, name = parse_qualified_table(table)
+    check_stream_name(stream_name)
     with obj.conn("removing capture") as conn:
         found = admin.uncapture(conn, schema, name, stream_name)
-    click.echo(f"{'removed' if found else 'there was no'} capture of {schema}.{name} into {stream_name}")
+    shown = format_qualified_table(schema, name)
+    click.echo(f"{'removed' if found else 'there was no'} capture of {shown} into {stream_name}")
 
 
 # -- grants -------------------------------------------------------------------

@@ -19,15 +19,38 @@ def check_stream_name(name: str) -> str:
     return name
 
 
-def parse_qualified_table(text: str) -> tuple[str, str]:
-    """Split ``SCHEMA.TABLE`` (or ``TABLE``, meaning ``public``) into its parts.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
-    Double quotes may wrap a part that holds dots or capitals, as in SQL.
+
+def split_identifiers(text: str, sep: str) -> list[str] | None:
+    """Split ``text`` at ``sep`` into SQL identifiers, read as PostgreSQL reads them.
+
+    Outside double quotes, ASCII letters fold to lower case and spaces around
+    a name are dropped; inside, everything is kept and ``""`` is one quote.
+    Returns ``None`` if a quote is left open or a name is empty.
     """
     parts: list[str] = []
+    segments: list[tuple[str, bool]] = []  # (text, quoted) pieces of the current name
     buf = ""
     quoted = False
     i = 0
+
+    def end_segment() -> None:
+        nonlocal buf
+        if buf or quoted:
+            segments.append((buf, quoted))
+        buf = ""
+
+    def end_part() -> bool:
+        if segments and not segments[0][1]:
+            segments[0] = (segments[0][0].lstrip(), False)
+        if segments and not segments[-1][1]:
+            segments[-1] = (segments[-1][0].rstrip(), False)
+        name = "".join(t if q else t.translate(_ASCII_LOWER) for t, q in segments)
+        segments.clear()
+        parts.append(name)
+        return bool(name)
+
     while i < len(text):
         ch = text[i]
         if quoted:
@@ -35,30 +58,64 @@ def parse_qualified_table(text: str) -> tuple[str, str]:
                 buf += '"'
                 i += 1
             elif ch == '"':
+                end_segment()
                 quoted = False
             else:
                 buf += ch
         elif ch == '"':
+            end_segment()
             quoted = True
-        elif ch == ".":
-            parts.append(buf)
-            buf = ""
+        elif ch == sep:
+            end_segment()
+            if not end_part():
+                return None
         else:
-            buf += ch.lower()
+            buf += ch
         i += 1
-    parts.append(buf)
-    if quoted or len(parts) > 2 or any(not p for p in parts):
+    if quoted:
+        return None
+    end_segment()
+    return parts if end_part() else None
+
+
+def parse_qualified_table(text: str) -> tuple[str, str]:
+    """Split ``SCHEMA.TABLE`` (or ``TABLE``, meaning ``public``) into its parts.
+
+    Names are read as SQL reads them: ``Shop.Orders`` is ``shop.orders``;
+    double quotes keep capitals, spaces and dots: ``"Shop"."Order Lines"``.
+    """
+    parts = split_identifiers(text, ".")
+    if parts is None or len(parts) > 2:
         raise UsageError(f"invalid table name {text!r}: expected TABLE or SCHEMA.TABLE")
     if len(parts) == 1:
         return "public", parts[0]
     return parts[0], parts[1]
 
 
+_PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def quote_name(name: str) -> str:
+    """``name`` as a user would type it: bare if SQL reads it back unchanged, else double-quoted."""
+    if _PLAIN_IDENTIFIER.fullmatch(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def format_qualified_table(schema: str, table: str) -> str:
+    """The inverse of :func:`parse_qualified_table`: ``shop."Order Lines"``."""
+    return f"{quote_name(schema)}.{quote_name(table)}"
+
+
 def parse_column_list(text: str | None) -> list[str] | None:
-    """Split a comma-separated column list; ``None`` or empty means "all columns"."""
+    """Split a comma-separated column list; ``None`` or empty means "all columns".
+
+    Names are read as SQL reads them (see :func:`parse_qualified_table`):
+    ``id,"CustomerId"``.
+    """
     if text is None or not text.strip():
         return None
-    cols = [c.strip() for c in text.split(",")]
-    if any(not c for c in cols):
+    cols = split_identifiers(text, ",")
+    if cols is None:
         raise UsageError(f"invalid column list {text!r}: expected names separated by commas, e.g. id,status")
     return cols

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgfeed.core.names import STREAM_NAME_RULE, check_stream_name, parse_column_list, parse_qualified_table
+from pgfeed.core.names import (
+    STREAM_NAME_RULE,
+    check_stream_name,
+    format_qualified_table,
+    parse_column_list,
+    parse_qualified_table,
+)
 from pgfeed.errors import InvalidStreamName, UsageError
 
 #: Every kind of bad name the foundation issue lists, and a few more.
@@ -86,13 +92,17 @@ def test_stream_name_rule_matches_its_definition(name: str) -> None:
         ('shop."Order Lines"', ("shop", "Order Lines")),
         ('"we.ird"."ta""ble"', ("we.ird", 'ta"ble')),
         ('"MixedCase"', ("public", "MixedCase")),
+        (" shop . orders ", ("shop", "orders")),
+        ('" padded "', ("public", " padded ")),
+        ("CAFÉ", ("public", "cafÉ")),  # PostgreSQL folds only ASCII letters
+        ('"Shop".orders', ("Shop", "orders")),
     ],
 )
 def test_qualified_table_names(text: str, expected: tuple[str, str]) -> None:
     assert parse_qualified_table(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", ".", "a.", ".b", "a.b.c", '"unterminated', '""', 'a.""'])
+@pytest.mark.parametrize("text", ["", " ", ".", "a.", ".b", "a.b.c", '"unterminated', '""', 'a.""', "a. "])
 def test_bad_table_names(text: str) -> None:
     with pytest.raises(UsageError, match="invalid table name"):
         parse_qualified_table(text)
@@ -103,7 +113,30 @@ def test_column_lists() -> None:
     assert parse_column_list("") is None
     assert parse_column_list("id") == ["id"]
     assert parse_column_list("id, status") == ["id", "status"]
+    assert parse_column_list('ID, "CustomerId"') == ["id", "CustomerId"]
+    assert parse_column_list('"a,b",c') == ["a,b", "c"]
+    with pytest.raises(UsageError, match="invalid column list"):
+        parse_column_list('"open')
     with pytest.raises(UsageError, match="invalid column list"):
         parse_column_list("id,,status")
     with pytest.raises(UsageError, match="invalid column list"):
         parse_column_list("id,")
+
+
+@pytest.mark.parametrize(
+    ("schema", "table", "shown"),
+    [
+        ("public", "orders", "public.orders"),
+        ("public", "MixedCase", 'public."MixedCase"'),
+        ("we.ird", 'ta"ble', '"we.ird"."ta""ble"'),
+        ("s", "order lines", 's."order lines"'),
+        ("s", "1st", 's."1st"'),
+    ],
+)
+def test_format_qualified_table(schema: str, table: str, shown: str) -> None:
+    assert format_qualified_table(schema, table) == shown
+
+
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+def test_format_then_parse_round_trips(schema: str, table: str) -> None:
+    assert parse_qualified_table(format_qualified_table(schema, table)) == (schema, table)

@@ -1,0 +1,361 @@
+"""`pgfeed capture` / `uncapture`: row triggers appending table changes, against a real server."""
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from pgfeed_cli.main import cli
+from psycopg import sql
+
+from pgfeed import admin
+from pgfeed.errors import UsageError
+
+Run = Callable[..., Result]
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture
+def pgfeed_cmd(pgfeed_dsn: str) -> Run:
+    """Run the real CLI against the test database."""
+
+    def run(*args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--dsn", pgfeed_dsn, *args], input=input)
+
+    return run
+
+
+@pytest.fixture
+def changes(pgfeed_conn: Conn) -> int:
+    """Stream ``changes``, and a table ``public.orders`` to capture; the stream's id."""
+    pgfeed_conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text NOT NULL, amount numeric, note text)"
+    )
+    return admin.create_stream(pgfeed_conn, "changes")
+
+
+def events(conn: Conn, stream: str = "changes") -> list[dict[str, Any]]:
+    return [r[0] for r in event_rows(conn, stream)]
+
+
+def event_rows(conn: Conn, stream: str = "changes") -> list[tuple[Any, ...]]:
+    """(payload, key, xid) in append order."""
+    return conn.execute(
+        "SELECT e.payload, e.key, e.xid::text FROM pgfeed.events e JOIN pgfeed.streams s ON s.id = e.stream_id"
+        " WHERE s.name = %s ORDER BY e.seq",
+        (stream,),
+    ).fetchall()
+
+
+def capture_triggers(conn: Conn) -> list[tuple[str, str]]:
+    """(table, trigger) of every pgfeed capture trigger in the database, partitions' clones included."""
+    rows = conn.execute(
+        "SELECT t.tgrelid::regclass::text, t.tgname FROM pg_trigger t"
+        " WHERE t.tgfoid = 'pgfeed.capture_v1()'::regprocedure ORDER BY 1, 2"
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgfeed: error: ")
+    return lines[0]
+
+
+def test_insert_update_delete(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    result = pgfeed_cmd("capture", "public.orders", "--stream", "changes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "capturing public.orders into changes (key: id)\n"
+
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new', 9.50, NULL)")
+    pgfeed_conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+    pgfeed_conn.execute("DELETE FROM orders WHERE id = 1")
+    row_new = {"id": 1, "status": "new", "amount": 9.50, "note": None}
+    row_paid = {**row_new, "status": "paid"}
+    assert events(pgfeed_conn) == [
+        {"op": "insert", "table": "public.orders", "key": {"id": 1}, "row": row_new},
+        {"op": "update", "table": "public.orders", "key": {"id": 1}, "row": row_paid},
+        {"op": "delete", "table": "public.orders", "key": {"id": 1}, "row": row_paid},
+    ]
+    assert [json.loads(r[1]) for r in event_rows(pgfeed_conn)] == [{"id": 1}] * 3
+
+
+def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn: Conn, changes: int) -> None:
+    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    with psycopg.connect(pgfeed_dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN pgfeed_v1_{changes}")
+        with pgfeed_conn.transaction():
+            pgfeed_conn.execute("INSERT INTO orders SELECT g, 'bulk' FROM generate_series(1, 100) g")
+            pgfeed_conn.execute("UPDATE orders SET note = 'x' WHERE id <= 10")
+        with suppress(psycopg.errors.UniqueViolation), pgfeed_conn.transaction():
+            pgfeed_conn.execute("INSERT INTO orders VALUES (1000, 'rolled back')")
+            pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'duplicate key')")
+        pgfeed_conn.execute("NOTIFY pgfeed_test_done")
+        got = []
+        for n in listener.notifies(timeout=10):
+            if n.channel == "pgfeed_test_done":
+                break
+            got.append((n.channel, n.payload))
+    assert got == [(f"pgfeed_v1_{changes}", "")]  # one wake-up for 110 rows, no row data in it
+    rows = event_rows(pgfeed_conn)
+    assert len(rows) == 110
+    assert len({r[2] for r in rows}) == 1
+    assert [r[0]["key"]["id"] for r in rows] == list(range(1, 101)) + list(range(1, 11))
+    assert pgfeed_conn.execute("SELECT count(*) FROM orders").fetchone() == (100,)
+
+
+def test_columns_limit_the_row(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    result = pgfeed_cmd("capture", "orders", "--stream", "changes", "--columns", "status, AMOUNT")
+    assert result.exit_code == 0, result.output
+    pgfeed_conn.execute("INSERT INTO orders VALUES (7, 'new', 1, 'secret')")
+    pgfeed_conn.execute("DELETE FROM orders")
+    assert events(pgfeed_conn) == [
+        {"op": "insert", "table": "public.orders", "key": {"id": 7}, "row": {"status": "new", "amount": 1}},
+        {"op": "delete", "table": "public.orders", "key": {"id": 7}, "row": {"status": "new", "amount": 1}},
+    ]
+
+
+def test_ops_limit_the_operations(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    result = pgfeed_cmd("capture", "orders", "--stream", "changes", "--ops", "delete, INSERT")
+    assert result.exit_code == 0, result.output
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new')")
+    pgfeed_conn.execute("UPDATE orders SET status = 'paid'")
+    pgfeed_conn.execute("DELETE FROM orders")
+    assert [e["op"] for e in events(pgfeed_conn)] == ["insert", "delete"]
+
+    result = pgfeed_cmd("capture", "orders", "--stream", "changes", "--ops", "update")  # replaces the settings
+    assert result.exit_code == 0, result.output
+    assert len(capture_triggers(pgfeed_conn)) == 1
+    pgfeed_conn.execute("INSERT INTO orders VALUES (2, 'new')")
+    pgfeed_conn.execute("UPDATE orders SET status = 'paid'")
+    assert [e["op"] for e in events(pgfeed_conn)] == ["insert", "delete", "update"]
+
+
+def test_bad_arguments_change_nothing(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute("CREATE VIEW orders_view AS SELECT * FROM orders")
+    cases = [
+        (("capture", "nosuch", "--stream", "changes"), 2, "unknown table public.nosuch"),
+        (("capture", "other.orders", "--stream", "changes"), 2, "unknown table other.orders"),
+        (("capture", "orders; DROP TABLE orders", "--stream", "changes"), 2, "unknown table"),
+        (("capture", '"Orders"', "--stream", "changes"), 2, 'unknown table public."Orders"'),
+        (("capture", "orders_view", "--stream", "changes"), 2, "not a table"),
+        (("capture", "a.b.c", "--stream", "changes"), 2, "invalid table name"),
+        (("capture", "orders", "--stream", "changes", "--columns", "status,nosuch"), 2, "no column 'nosuch'"),
+        (("capture", "orders", "--stream", "changes", "--columns", "status,"), 2, "invalid column list"),
+        (("capture", "orders", "--stream", "changes", "--key", "nosuch"), 2, "no column 'nosuch'"),
+        (("capture", "orders", "--stream", "changes", "--ops", "truncate"), 2, "invalid operations 'truncate'"),
+        (("capture", "orders", "--stream", "changes", "--ops", ""), 2, "invalid operations"),
+        (("capture", "orders", "--stream", "changes", "--ops", "insert,,delete"), 2, "invalid operations"),
+        (("capture", "orders", "--stream", "nosuch"), 1, "unknown stream 'nosuch'"),
+        (("capture", "orders", "--stream", "Bad-Name"), 2, "invalid stream name"),
+        (("uncapture", "nosuch", "--stream", "changes"), 2, "unknown table public.nosuch"),
+        (("uncapture", "orders", "--stream", "nosuch"), 1, "unknown stream 'nosuch'"),
+    ]
+    for args, code, message in cases:
+        result = pgfeed_cmd(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert message in one_line_error(result), args
+    assert capture_triggers(pgfeed_conn) == []
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new')")
+    assert events(pgfeed_conn) == []
+
+
+def test_a_table_without_primary_key_needs_key(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute("CREATE TABLE audit (tenant text, n int, what text)")
+    refused = pgfeed_cmd("capture", "audit", "--stream", "changes")
+    assert refused.exit_code == 2
+    line = one_line_error(refused)
+    assert "public.audit has no primary key" in line
+    assert "--key" in line
+    assert capture_triggers(pgfeed_conn) == []
+
+    result = pgfeed_cmd("capture", "audit", "--stream", "changes", "--key", "tenant,n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "capturing public.audit into changes (key: tenant, n)\n"
+    pgfeed_conn.execute("INSERT INTO audit VALUES ('acme', 3, 'login')")
+    assert events(pgfeed_conn) == [
+        {
+            "op": "insert",
+            "table": "public.audit",
+            "key": {"tenant": "acme", "n": 3},
+            "row": {"tenant": "acme", "n": 3, "what": "login"},
+        }
+    ]
+
+
+def test_composite_primary_key_in_index_order(pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute("CREATE TABLE lines (a int, b text, qty int, PRIMARY KEY (b, a))")
+    assert admin.capture(pgfeed_conn, "public", "lines", "changes") == ["b", "a"]
+    pgfeed_conn.execute("INSERT INTO lines VALUES (1, 'x', 5)")
+    assert events(pgfeed_conn)[0]["key"] == {"a": 1, "b": "x"}
+
+
+def test_uncapture(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    assert pgfeed_cmd("capture", "orders", "--stream", "changes").exit_code == 0
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new')")
+    result = pgfeed_cmd("uncapture", "public.orders", "--stream", "changes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "removed capture of public.orders into changes\n"
+    assert capture_triggers(pgfeed_conn) == []
+    pgfeed_conn.execute("INSERT INTO orders VALUES (2, 'new')")
+    assert len(events(pgfeed_conn)) == 1
+    again = pgfeed_cmd("uncapture", "orders", "--stream", "changes")
+    assert again.exit_code == 0, again.output
+    assert again.stdout == "there was no capture of public.orders into changes\n"
+
+
+def test_one_table_into_two_streams(pgfeed_conn: Conn, changes: int) -> None:
+    admin.create_stream(pgfeed_conn, "audit")
+    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    admin.capture(pgfeed_conn, "public", "orders", "audit", columns=["status"], ops=["delete"])
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new')")
+    pgfeed_conn.execute("DELETE FROM orders")
+    assert [e["op"] for e in events(pgfeed_conn)] == ["insert", "delete"]
+    assert events(pgfeed_conn, "audit") == [
+        {"op": "delete", "table": "public.orders", "key": {"id": 1}, "row": {"status": "new"}}
+    ]
+    assert admin.uncapture(pgfeed_conn, "public", "orders", "audit")
+    assert len(capture_triggers(pgfeed_conn)) == 1
+
+
+def test_dropping_the_stream_removes_its_captures(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    pgfeed_conn.execute('CREATE TABLE "Mixed" (id int PRIMARY KEY)')
+    admin.capture(pgfeed_conn, "public", "Mixed", "changes")
+    admin.create_stream(pgfeed_conn, "kept")
+    admin.capture(pgfeed_conn, "public", "orders", "kept")
+    result = pgfeed_cmd("stream", "drop", "changes", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "dropped stream changes",
+        'removed capture of public."Mixed" into changes',
+        "removed capture of public.orders into changes",
+    ]
+    assert [t for t, _ in capture_triggers(pgfeed_conn)] == ["orders"]
+    pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'still works')")
+    pgfeed_conn.execute('INSERT INTO "Mixed" VALUES (1)')
+    assert len(events(pgfeed_conn, "kept")) == 1
+
+
+def test_capture_does_not_change_the_tables_behaviour(pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute(
+        "CREATE FUNCTION upper_status() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN NEW.status := upper(NEW.status); RETURN NEW; END $$"
+    )
+    pgfeed_conn.execute(
+        "CREATE TRIGGER a_upper BEFORE INSERT OR UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION upper_status()"
+    )
+    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    cur = pgfeed_conn.execute("INSERT INTO orders VALUES (1, 'new'), (2, 'new') RETURNING id, status")
+    assert cur.fetchall() == [(1, "NEW"), (2, "NEW")]
+    assert cur.rowcount == 2
+    cur = pgfeed_conn.execute("UPDATE orders SET status = 'paid' WHERE id = 2 RETURNING status")
+    assert cur.fetchall() == [("PAID",)]
+    assert pgfeed_conn.execute("DELETE FROM orders WHERE id = 3").rowcount == 0
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        pgfeed_conn.execute("INSERT INTO orders VALUES (4, NULL)")
+    assert pgfeed_conn.execute("SELECT id, status FROM orders ORDER BY id").fetchall() == [(1, "NEW"), (2, "PAID")]
+    assert [(e["op"], e["row"]["status"]) for e in events(pgfeed_conn)] == [
+        ("insert", "NEW"),
+        ("insert", "NEW"),
+        ("update", "PAID"),
+    ]
+    assert pgfeed_conn.execute("SHOW search_path").fetchone() == ('"$user", public',)
+
+
+def test_a_failing_append_fails_the_writers_statement(pgfeed_conn: Conn) -> None:
+    pgfeed_conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    admin.create_stream(pgfeed_conn, "small", max_payload_bytes=200)
+    admin.capture(pgfeed_conn, "public", "notes", "small")
+    pgfeed_conn.execute("INSERT INTO notes VALUES (1, 'short')")
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="exceeds the limit of 200 bytes for stream 'small'"):
+        pgfeed_conn.execute("INSERT INTO notes VALUES (2, %s)", ("x" * 500,))
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+        pgfeed_conn.execute("UPDATE notes SET body = %s", ("y" * 500,))
+    assert pgfeed_conn.execute("SELECT id, body FROM notes").fetchall() == [(1, "short")]
+    assert len(events(pgfeed_conn, "small")) == 1
+
+
+@pytest.fixture
+def plain_role(pgfeed_server: Any) -> Iterator[str]:
+    """A login role with no pgfeed grants (roles are cluster-wide: unique name, dropped after)."""
+    role = f"app_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    yield role
+    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_role_without_pgfeed_grants_can_write_a_captured_table(
+    pgfeed_server: Any, pgfeed_dsn: str, pgfeed_conn: Conn, changes: int, plain_role: str
+) -> None:
+    r = sql.Identifier(plain_role)
+    pgfeed_conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {}").format(r))
+    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    dbname = pgfeed_conn.info.dbname
+    try:
+        with psycopg.connect(pgfeed_server.dsn_for(dbname, user=plain_role), autocommit=True) as app:
+            app.execute("INSERT INTO orders VALUES (1, 'new')")
+            app.execute("UPDATE orders SET status = 'paid'")
+            app.execute("DELETE FROM orders")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("SELECT pgfeed.append('changes', '1'::jsonb)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("SELECT count(*) FROM pgfeed.events")
+    finally:
+        pgfeed_conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
+    assert [e["op"] for e in events(pgfeed_conn)] == ["insert", "update", "delete"]
+
+
+def test_quoted_mixed_case_names(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute('CREATE SCHEMA "Shop"')
+    pgfeed_conn.execute('CREATE TABLE "Shop"."Order Lines" ("LineId" int PRIMARY KEY, "Qty" int, note text)')
+    result = pgfeed_cmd("capture", '"Shop"."Order Lines"', "--stream", "changes", "--columns", '"Qty"')
+    assert result.exit_code == 0, result.output
+    assert result.stdout == 'capturing "Shop"."Order Lines" into changes (key: "LineId")\n'
+    pgfeed_conn.execute('INSERT INTO "Shop"."Order Lines" VALUES (1, 2, \'n\')')
+    assert events(pgfeed_conn) == [
+        {"op": "insert", "table": "Shop.Order Lines", "key": {"LineId": 1}, "row": {"Qty": 2}}
+    ]
+    unquoted = pgfeed_cmd("capture", "Shop.Order Lines", "--stream", "changes")
+    assert unquoted.exit_code == 2
+    assert 'unknown table shop."order lines"' in one_line_error(unquoted)
+    removed = pgfeed_cmd("uncapture", '"Shop"."Order Lines"', "--stream", "changes")
+    assert removed.stdout == 'removed capture of "Shop"."Order Lines" into changes\n'
+    assert capture_triggers(pgfeed_conn) == []
+
+
+def test_partitioned_table(pgfeed_conn: Conn, changes: int) -> None:
+    pgfeed_conn.execute(
+        "CREATE TABLE measures (id int, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)"
+    )
+    pgfeed_conn.execute(
+        "CREATE TABLE measures_2024 PARTITION OF measures FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')"
+    )
+    assert admin.capture(pgfeed_conn, "public", "measures", "changes") == ["id", "day"]
+    pgfeed_conn.execute(
+        "CREATE TABLE measures_2025 PARTITION OF measures FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')"
+    )
+    pgfeed_conn.execute("INSERT INTO measures VALUES (1, '2024-05-01', 10), (2, '2025-05-01', 20)")
+    assert [(e["op"], e["key"]) for e in events(pgfeed_conn)] == [
+        ("insert", {"id": 1, "day": "2024-05-01"}),
+        ("insert", {"id": 2, "day": "2025-05-01"}),
+    ]
+    assert admin.uncapture(pgfeed_conn, "public", "measures", "changes")
+    assert capture_triggers(pgfeed_conn) == []
+
+
+def test_python_api_checks_its_arguments(pgfeed_conn: Conn, changes: int) -> None:
+    with pytest.raises(UsageError, match="invalid operations"):
+        admin.capture(pgfeed_conn, "public", "orders", "changes", ops=[])
+    with pytest.raises(UsageError, match="invalid operations"):
+        admin.capture(pgfeed_conn, "public", "orders", "changes", ops=["insert", "merge"])
+    assert capture_triggers(pgfeed_conn) == []
