@@ -270,7 +270,8 @@ def append_cmd(obj: Context, stream_name: str, payload: str, key: str | None, ba
     committed before that line's transaction stays committed (the error says
     how many rows), nothing of that line's transaction is written (neither
     the line nor the lines before it in the same batch), and no later line is
-    read.
+    read. If the connection is lost during a COMMIT, the error says that
+    transaction may or may not be committed.
     """
     check_stream_name(stream_name)
     with obj.conn("appending") as conn:
@@ -374,10 +375,11 @@ def capture_cmd(
 
     Each inserted, updated or deleted row appends {"op", "table", "key",
     "row"} to the stream in the writer's own transaction: op is insert,
-    update or delete; table is schema.table; key holds the key columns'
-    values; row holds the new row (the old one for a delete), limited to
-    --columns. A table without a primary key needs --key. Names are read as
-    in SQL: quote capitals, e.g. 'shop."Orders"'. TRUNCATE is not captured.
+    update or delete; table is schema.table (for a partitioned table, the
+    partition holding the row); key holds the key columns' values; row
+    holds the new row (the old one for a delete), limited to --columns. A
+    table without a primary key needs --key. Names are read as in SQL: quote
+    capitals, e.g. 'shop."Orders"'. TRUNCATE is not captured.
     Capturing the same table into the same stream again replaces the
     settings. If the append fails (say the payload is over the stream's
     limit), the writer's statement fails with pgfeed's error.

@@ -1,7 +1,9 @@
 """`pgfeed stream create/list/drop` and `pgfeed.create_stream_v1` against a real server."""
 
 import json
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -9,7 +11,9 @@ import pytest
 from click.testing import CliRunner, Result
 from pgfeed_cli.main import cli
 
+from pgfeed import admin
 from pgfeed.core.names import STREAM_NAME_RULE
+from pgfeed.errors import StreamExists
 
 Run = Callable[..., Result]
 
@@ -275,3 +279,23 @@ def test_sql_create_checks_its_options(pgfeed_conn: psycopg.Connection[Any]) -> 
             pgfeed_conn.execute("SELECT pgfeed.create_stream_v1('orders', %s, %s)", args)
         assert all_relations(pgfeed_conn) == before
         assert "orders" not in streams(pgfeed_conn)
+
+
+def test_concurrent_creates_make_one_stream(pgfeed_dsn: str, pgfeed_conn: psycopg.Connection[Any]) -> None:
+    barrier = threading.Barrier(4)
+
+    def create() -> str:
+        with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
+            barrier.wait()
+            try:
+                admin.create_stream(conn, "orders")
+                return "created"
+            except StreamExists:
+                return "exists"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = sorted(pool.map(lambda _: create(), range(4)))
+    assert outcomes == ["created", "exists", "exists", "exists"]
+    partitions = {f"events_{sid}" for sid, _, _ in streams(pgfeed_conn).values()}
+    assert len(partitions) == 2  # caches and orders
+    assert {r for r in pgfeed_relations(pgfeed_conn) if r.startswith("events_") and "seq" not in r} == partitions
