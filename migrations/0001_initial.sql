@@ -93,7 +93,10 @@ BEGIN
         RETURN;
     END IF;
     taken := clock_timestamp();
-    SELECT pg_current_snapshot() INTO current;
+    -- A statement of its own, run after the lock was granted: in READ
+    -- COMMITTED it gets a snapshot taken now, which sees everything the
+    -- previous tick saw (that tick committed before we got the lock).
+    SELECT s INTO current FROM pg_current_snapshot() AS s;
     IF last_snap IS NOT NULL AND last_snap::text = current::text THEN
         RETURN QUERY SELECT last_id, last_snap::text;
         RETURN;

@@ -59,6 +59,21 @@ Since = str | Position
 PRUNED = "the position is older than what the stream still holds (pruned)"
 
 
+class _Signal:
+    """Wakes every waiter on each :meth:`fire`; each waiter re-checks its own condition."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        fired, self._event = self._event, asyncio.Event()
+        fired.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._event.wait()
+
+
 class _Interrupted(Exception):
     """A read that cannot be trusted (pruned or dropped meanwhile); retried after a fresh tick."""
 
@@ -193,8 +208,7 @@ class Subscription:
         """Stop this subscription; other subscriptions are unaffected."""
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await _stop([self._task])
         self._reader._subscriptions.discard(self)
 
     async def __aenter__(self) -> Subscription:
@@ -397,9 +411,9 @@ class AsyncReader:
         self._ticks = _TickCache()
         self._head: Tick | None = None
         self._metas: dict[str, store.StreamMeta] = {}
-        self._head_changed = asyncio.Condition()
+        self._head_changed = _Signal()
         self._wake = asyncio.Event()
-        self._positions = asyncio.Condition()
+        self._positions = _Signal()
         self._channels: set[str] = set()
         self._listening: set[str] = set()
         self._listen_changed = asyncio.Event()
@@ -466,9 +480,8 @@ class AsyncReader:
         self._open = False
         for sub in list(self._subscriptions):
             await sub.close()
-        for task in [*self._tasks, *self._callback_tasks]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._callback_tasks, return_exceptions=True)
+        self._wake.set()
+        await _stop([*self._tasks, *self._callback_tasks])
         if self._pool is not None:
             await self._pool.close()
         log.info("reader closed")
@@ -603,8 +616,8 @@ class AsyncReader:
             return pos is not None and pos >= target
 
         try:
-            async with self._positions:
-                await asyncio.wait_for(self._positions.wait_for(reached), timeout)
+            async with asyncio.timeout(timeout):
+                await self._positions.wait_until(reached)
         except TimeoutError:
             raise WaitTimeout(
                 f"timed out after {timeout:g}s waiting for stream {stream!r} to reach {target}; "
@@ -616,13 +629,7 @@ class AsyncReader:
 
     # -- internals: positions -------------------------------------------
     def _positions_changed(self) -> None:
-        async def notify() -> None:
-            async with self._positions:
-                self._positions.notify_all()
-
-        task = asyncio.create_task(notify())
-        self._callback_tasks.add(task)
-        task.add_done_callback(self._callback_tasks.discard)
+        self._positions.fire()
 
     async def _fire_reset(self, stream: str, reason: str) -> None:
         log.warning("reset", stream=stream, reason=reason)
@@ -657,20 +664,16 @@ class AsyncReader:
             self._channels = {f"pgfeed_v1_{m.id}" for n, m in self._metas.items() if n in self._stream_names()}
             if self._channels - self._listening:
                 self._listen_changed.set()
-
-        async def notify() -> None:
-            async with self._head_changed:
-                self._head_changed.notify_all()
-
-        task = asyncio.create_task(notify())
-        self._callback_tasks.add(task)
-        task.add_done_callback(self._callback_tasks.discard)
+        self._head_changed.fire()
 
     async def _tick_loop(self) -> None:
         backoff = Backoff()
-        while True:
+        while self._open:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races with the event, and close() would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._subscriptions:
                 continue
@@ -689,15 +692,12 @@ class AsyncReader:
         def ready() -> bool:
             return self._head is not None and (not pos.complete or self._head.id > pos.tick)
 
-        if not ready():
-            async with self._head_changed:
-                await self._head_changed.wait_for(ready)
+        await self._head_changed.wait_until(ready)
         assert self._head is not None
         return self._head, self._metas
 
     async def _wait_tick_after(self, tick_id: int) -> None:
-        async with self._head_changed:
-            await self._head_changed.wait_for(lambda: self._head is not None and self._head.id > tick_id)
+        await self._head_changed.wait_until(lambda: self._head is not None and self._head.id > tick_id)
 
     async def _ticks_between(self, conn: psycopg.AsyncConnection[Any], first: int, last: int) -> list[Tick]:
         cached = self._ticks.run(first, last)
@@ -751,7 +751,7 @@ class AsyncReader:
     async def _listen(self) -> None:
         backoff = Backoff()
         probe = f"pgfeed_v1_probe_{os.getpid()}_{id(self)}"
-        while True:
+        while self._open:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=10)
             except (psycopg.Error, OSError) as exc:
@@ -776,7 +776,7 @@ class AsyncReader:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.probe_interval
         first = True
-        while True:
+        while self._open:
             wanted = set(self._channels)
             if wanted != self._listening or first:
                 self._listen_changed.clear()
@@ -811,9 +811,20 @@ class AsyncReader:
             return
         with contextlib.suppress(OSError):
             socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, self.probe_timeout)
+        await asyncio.wait({task}, timeout=self.probe_timeout)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the connection is being replaced anyway
         raise TimeoutError(f"the listener's connection did not answer a probe within {self.probe_timeout:g}s")
+
+
+async def _stop(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again if a
+    cancellation was swallowed (a library may catch it while cleaning up)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:

@@ -49,28 +49,28 @@ SELECT t.id, t.snap,
 
 _TICKS = "SELECT id, snap::text FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
 
-_ROW_COLUMNS = "xid::text::bigint, seq, created_at, key, payload"
+_ROW_COLUMNS = "e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload"
 
-# Two ordered index range scans; every xid of the first part (transactions
-# still running at the start tick) is below every xid of the second.
-_ROWS_RUNNING = f"""
-SELECT {_ROW_COLUMNS} FROM pgfeed.events
- WHERE stream_id = %(sid)s AND xid = ANY(%(running)s::text[]::xid8[])
-   AND (xid, seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
- ORDER BY xid, seq LIMIT %(limit)s
-"""  # noqa: S608  # a constant column list, no user input
-# The stream's floor comes with the rows, read in the same snapshot: if a prune
-# committed before that snapshot, the floor says so; if after, the rows are whole.
-_ROWS_NEW = f"""
+# One round trip: the stream's floor, then two ordered index range scans —
+# transactions still running at the start tick (every xid of which is below
+# every xid of the second part), then the xids assigned after it. The floor is
+# read in the same snapshot as the rows: if a prune committed before that
+# snapshot the floor says so; if after, the rows are whole.
+_ROWS = f"""
 SELECT f.floor_tick, r.*
   FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
   LEFT JOIN LATERAL (
-    SELECT {_ROW_COLUMNS} FROM pgfeed.events
-     WHERE stream_id = %(sid)s
-       AND xid >= %(lo)s::text::xid8 AND xid < %(hi)s::text::xid8
-       AND pg_visible_in_snapshot(xid, %(snap)s::pg_snapshot)
-       AND (xid, seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
-     ORDER BY xid, seq LIMIT %(limit)s
+    (SELECT {_ROW_COLUMNS} FROM pgfeed.events e
+      WHERE e.stream_id = %(sid)s AND e.xid = ANY(%(running)s::text[]::xid8[])
+        AND (e.xid, e.seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
+      ORDER BY e.xid, e.seq LIMIT %(limit)s)
+    UNION ALL
+    (SELECT {_ROW_COLUMNS} FROM pgfeed.events e
+      WHERE e.stream_id = %(sid)s
+        AND e.xid >= %(lo)s::text::xid8 AND e.xid < %(hi)s::text::xid8
+        AND pg_visible_in_snapshot(e.xid, %(snap)s::pg_snapshot)
+        AND (e.xid, e.seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
+      ORDER BY e.xid, e.seq LIMIT %(limit)s)
   ) r ON true
 """  # noqa: S608  # a constant column list, no user input
 
@@ -110,18 +110,22 @@ async def fetch_rows(
     xid is visible in ``end`` and not in ``start``; and the stream's floor
     tick as of that read (None if the stream no longer exists)."""
     running = [str(x) for x in sorted(start.xip) if end.visible(x) and x >= after[0]]
-    params = {"sid": stream_id, "after_xid": after[0], "after_seq": after[1], "limit": limit}
-    rows: list[StoredRow] = []
-    if running:
-        cur = await conn.execute(_ROWS_RUNNING, {**params, "running": running})
-        rows.extend(StoredRow(int(x), int(s), c, k, p) for x, s, c, k, p in await cur.fetchall())
     cur = await conn.execute(
-        _ROWS_NEW, {**params, "lo": start.xmax, "hi": max(end.xmax, start.xmax), "snap": str(end), "limit": limit}
+        _ROWS,
+        {
+            "sid": stream_id,
+            "after_xid": after[0],
+            "after_seq": after[1],
+            "limit": limit,
+            "running": running,
+            "lo": start.xmax,
+            "hi": max(end.xmax, start.xmax),
+            "snap": str(end),
+        },
     )
     found = await cur.fetchall()
     if not found:
         return [], None
-    floor = int(found[0][0])
-    rows.extend(StoredRow(int(x), int(s), c, k, p) for _, x, s, c, k, p in found if x is not None)
+    rows = [StoredRow(int(x), int(s), c, k, p) for _, x, s, c, k, p in found if x is not None]
     rows.sort(key=lambda r: (r.xid, r.seq))
-    return rows[:limit], floor
+    return rows[:limit], int(found[0][0])

@@ -447,6 +447,34 @@ def grant_reader_cmd(obj: Context, role: str) -> None:
     click.echo(f"{role} may read all streams")
 
 
+# -- prune --------------------------------------------------------------------
+@cli.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="DURATION",
+    help="Delete events and ticks older than this (e.g. 7d, 12h, 90m).",
+)
+@pass_ctx
+@user_errors
+def prune_cmd(obj: Context, older_than: str) -> None:
+    """Delete old events and ticks of every stream.
+
+    Readers positioned before what is kept reset instead of skipping rows.
+    """
+    from pgfeed.core.durations import parse_duration
+    from pgfeed.retention import prune
+
+    seconds = parse_duration(older_than)
+    with obj.conn("pruning") as conn:
+        result = prune(conn, seconds)
+    click.echo(
+        f"pruned {result.events_deleted} events and {result.ticks_deleted} ticks;"
+        f" streams now start at tick {result.floor_tick}"
+    )
+
+
 # -- tail ---------------------------------------------------------------------
 @cli.command("tail")
 @click.argument("stream_name", metavar="STREAM")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -24,16 +26,19 @@ def tail(dsn: str, *args: str) -> subprocess.Popen[str]:
 
 
 def read_lines(proc: subprocess.Popen[str], n: int, timeout: float = 15) -> list[dict[str, Any]]:
+    """Read ``n`` JSON lines, failing (not hanging) if they do not come in time."""
     assert proc.stdout is not None
-    lines = []
+    stdout = proc.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
-    while len(lines) < n:
-        assert time.monotonic() < deadline, f"only {len(lines)} of {n} lines arrived"
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(json.loads(line))
-    return lines
+    while len(got) < n:
+        try:
+            got.append(json.loads(lines.get(timeout=max(0.0, deadline - time.monotonic()))))
+        except queue.Empty:
+            raise AssertionError(f"only {len(got)} of {n} lines arrived: {got[-3:]}") from None
+    return got
 
 
 def test_no_follow_prints_jsonl_and_exits(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]) -> None:
@@ -61,7 +66,7 @@ def test_follow_has_no_seam_between_catch_up_and_live(
         # Writes race with the catch-up: nothing may be missed or repeated at the switch.
         for i in range(50, 150):
             pgfeed.append(pgfeed_conn, stream, {"id": i})
-        rows = read_lines(proc, 150)
+        rows = read_lines(proc, 150, timeout=30)
         assert [r["payload"]["id"] for r in rows] == list(range(150))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -71,9 +76,11 @@ def test_follow_has_no_seam_between_catch_up_and_live(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_exit_zero_after_flushing(pgfeed_dsn: str, stream: str, sig: signal.Signals) -> None:
-    proc = tail(pgfeed_dsn, stream, "--from", "now")
+    with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
+        start = str(pgfeed.commit_token(conn))
+    proc = tail(pgfeed_dsn, stream, "--from", start)
     try:
-        time.sleep(1.5)
+        time.sleep(0.5)
         with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
             pgfeed.append(conn, stream, {"id": "x"})
         assert [r["payload"] for r in read_lines(proc, 1)] == [{"id": "x"}]
