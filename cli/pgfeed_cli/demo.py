@@ -346,6 +346,8 @@ class _Demo:
         if not self.pump_until(lambda: all(c.ready for c in self.children.values()), READY_TIMEOUT):
             if self.failure is None and not self.stop.requested.is_set():
                 self.failure = f"the demo processes did not start within {READY_TIMEOUT:g}s"
+            elif self.failure is None:
+                self.say("stopped before the demo processes were ready; nothing was written")
             return
         from pgfeed.core.positions import Position
 
