@@ -51,11 +51,11 @@ CREATE INDEX events_xid_seq ON pgfeed.events (xid, seq);
 -- Which roles pgfeed grant gave what, so that streams created later inherit
 -- "all streams" grants.
 CREATE TABLE pgfeed.role_grants (
-    role_name  name NOT NULL,
+    role_oid   oid NOT NULL,
     kind       text NOT NULL CHECK (kind IN ('writer', 'reader')),
     stream_id  bigint REFERENCES pgfeed.streams (id) ON DELETE CASCADE
 );
-CREATE UNIQUE INDEX role_grants_once ON pgfeed.role_grants (role_name, kind, coalesce(stream_id, 0));
+CREATE UNIQUE INDEX role_grants_once ON pgfeed.role_grants (role_oid, kind, coalesce(stream_id, 0));
 
 -- Saved reader positions. Each role sees and changes only its own rows.
 CREATE TABLE pgfeed.positions (
@@ -159,9 +159,12 @@ BEGIN
     part := 'events_' || new_id;
     EXECUTE format('CREATE TABLE pgfeed.%I PARTITION OF pgfeed.events FOR VALUES IN (%s)', part, new_id);
     EXECUTE format('ALTER TABLE pgfeed.%I ALTER COLUMN stream_id SET DEFAULT %s', part, new_id);
-    FOR g IN SELECT rg.role_name, rg.kind FROM pgfeed.role_grants rg WHERE rg.stream_id IS NULL LOOP
+    -- By oid: a dropped role is skipped, and a new role that reuses its name
+    -- inherits nothing.
+    FOR g IN SELECT r.rolname, rg.kind FROM pgfeed.role_grants rg JOIN pg_roles r ON r.oid = rg.role_oid
+             WHERE rg.stream_id IS NULL LOOP
         IF g.kind = 'writer' THEN
-            EXECUTE format('GRANT INSERT (key, payload) ON pgfeed.%I TO %I', part, g.role_name);
+            EXECUTE format('GRANT INSERT (key, payload) ON pgfeed.%I TO %I', part, g.rolname);
         END IF;
     END LOOP;
     RETURN new_id;

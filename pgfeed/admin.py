@@ -175,9 +175,10 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
                 conn.execute(sql.SQL("GRANT INSERT (key, payload) ON {} TO {}").format(_partition(sid), r))
             for sid_or_all in ids if ids is not None else [None]:
                 conn.execute(
-                    "INSERT INTO pgfeed.role_grants (role_name, kind, stream_id) VALUES (%s, 'writer', %s)"
+                    "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
+                    " SELECT oid, 'writer', %s FROM pg_roles WHERE rolname = %s"
                     " ON CONFLICT DO NOTHING",
-                    (role, sid_or_all),
+                    (sid_or_all, role),
                 )
     except PgfeedError:
         raise
@@ -200,7 +201,8 @@ def grant_reader(conn: Conn, role: str) -> None:
             conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}").format(r))
             conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pgfeed.tick_v1() TO {}").format(r))
             conn.execute(
-                "INSERT INTO pgfeed.role_grants (role_name, kind, stream_id) VALUES (%s, 'reader', NULL)"
+                "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
+                " SELECT oid, 'reader', NULL FROM pg_roles WHERE rolname = %s"
                 " ON CONFLICT DO NOTHING",
                 (role,),
             )

@@ -387,16 +387,9 @@ def test_grants_are_idempotent(pgfeed_dsn: str, pgfeed_conn: Conn, make_role: Ca
         grant_ok(pgfeed_dsn, "writer", role, "--stream", "caches")
         grant_ok(pgfeed_dsn, "reader", role)
     rows = pgfeed_conn.execute(
-        "SELECT kind, stream_id IS NULL FROM pgfeed.role_grants WHERE role_name = %s ORDER BY 1, 2", (role,)
+        "SELECT kind, stream_id IS NULL FROM pgfeed.role_grants WHERE role_oid = to_regrole(%s) ORDER BY 1, 2", (role,)
     ).fetchall()
     assert rows == [("reader", True), ("writer", False), ("writer", True)]
-
-
-DROPPED_ROLE_BUG = (
-    "bug in migrations/0001_initial.sql: pgfeed.role_grants names roles by name, and create_stream_v1 GRANTs to "
-    "each of them, so a dropped writer role breaks `pgfeed stream create`, and a new role of the same name "
-    "inherits the old one's grants"
-)
 
 
 def drop_role(server: TestServer, dsn: str, role: str) -> None:
@@ -406,7 +399,6 @@ def drop_role(server: TestServer, dsn: str, role: str) -> None:
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-@pytest.mark.xfail(strict=True, reason=DROPPED_ROLE_BUG)
 def test_a_dropped_writer_role_does_not_break_stream_creation(
     pgfeed_server: TestServer, pgfeed_dsn: str, pgfeed_conn: Conn, make_role: Callable[[], str]
 ) -> None:
@@ -416,7 +408,6 @@ def test_a_dropped_writer_role_does_not_break_stream_creation(
     admin.create_stream(pgfeed_conn, "after_drop")
 
 
-@pytest.mark.xfail(strict=True, reason=DROPPED_ROLE_BUG)
 def test_a_new_role_with_a_dropped_writers_name_inherits_nothing(
     pgfeed_server: TestServer, pgfeed_dsn: str, pgfeed_conn: Conn, make_role: Callable[[], str]
 ) -> None:
