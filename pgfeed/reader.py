@@ -37,7 +37,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from pgfeed import store
-from pgfeed.connect import resolve, with_keepalives
+from pgfeed.connect import aconnect, resolve, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, read_step
@@ -437,6 +437,10 @@ class AsyncReader:
         else:
             self._conninfo = self._conninfo_arg
         self._conninfo = with_keepalives(self._conninfo)
+        # One plain connection first: a wrong DSN fails at once with a clear
+        # message instead of after the pool's retries.
+        probe = await aconnect(self._conninfo, doing="opening the reader")
+        await probe.close()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute("SET synchronous_commit = on")

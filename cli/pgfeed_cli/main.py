@@ -45,9 +45,13 @@ def configure_logging(verbose: int, debug: bool) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # Look sys.stderr up at each call: it may be replaced after configuration.
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # psycopg_pool logs every failed attempt with a traceback; pgfeed reports
+    # the failure itself in one line.
+    logging.getLogger("psycopg").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 class Context:
