@@ -1011,7 +1011,7 @@ def render(res: dict[str, Any]) -> str:
             f"(after open: {feed_small['rss_after_open_kib'] / 1024:.1f} / {feed_big['rss_after_open_kib'] / 1024:.1f}"
             f" MiB); target the same, within 10%: {ok(same)}. Loading took "
             + ", ".join(f"{k} {v:.0f}s" for k, v in cu["load_seconds"].items())
-            + f" (concurrently; {cu['ticks']} ticks in the database)."
+            + f" (streams one after the other, the plain table meanwhile; {cu['ticks']} ticks in the database)."
         )
         bad = [r for r in runs if r["rows"] != r["expected"] or r["out_of_order"]]
         add(
