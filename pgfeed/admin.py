@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from pgfeed.core.names import check_stream_name, format_qualified_table
 from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
@@ -37,6 +38,11 @@ class StreamInfo:
         return asdict(self)
 
 
+def _q(conn: Conn, query: str | sql.Composed, params: tuple[Any, ...] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
+    """Run ``query`` on a tuple-row cursor, whatever the connection's row factory."""
+    return conn.cursor(row_factory=tuple_row).execute(query, params)
+
+
 def _partition(stream_id: int) -> sql.Identifier:
     return sql.Identifier("pgfeed", f"events_{stream_id}")
 
@@ -45,7 +51,7 @@ def stream_id(conn: Conn, name: str) -> int:
     """The id of stream ``name``; :class:`UnknownStream` if there is none."""
     check_stream_name(name)
     try:
-        row = conn.execute("SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
+        row = _q(conn, "SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, f"looking up stream {name!r}") from None
     if row is None:
@@ -66,10 +72,10 @@ def create_stream(
         )
     try:
         with conn.transaction():
-            if conn.execute("SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
+            if _q(conn, "SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
                 raise StreamExists(f"stream {name!r} already exists; nothing changed")
-            row = conn.execute(
-                "SELECT pgfeed.create_stream_v1(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
+            row = _q(
+                conn, "SELECT pgfeed.create_stream_v1(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
             ).fetchone()
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
         raise StreamExists(f"stream {name!r} already exists; nothing changed") from None
@@ -87,9 +93,9 @@ def _head(conn: Conn) -> int:
     """
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         with conn.transaction():
-            row = conn.execute("SELECT id FROM pgfeed.tick_v1()").fetchone()
+            row = _q(conn, "SELECT id FROM pgfeed.tick_v1()").fetchone()
     else:
-        row = conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+        row = _q(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -99,13 +105,13 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
     position token covering every row committed when the list was taken."""
     try:
         head = str(_head(conn))
-        streams = conn.execute(
-            "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
+        streams = _q(
+            conn, "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
         ).fetchall()
         result = []
         for sid, name, mode, max_bytes in streams:
-            count, last = conn.execute(
-                sql.SQL("SELECT count(*), max(created_at)::text FROM {}").format(_partition(sid))
+            count, last = _q(
+                conn, sql.SQL("SELECT count(*), max(created_at)::text FROM {}").format(_partition(sid))
             ).fetchone() or (0, None)
             result.append(StreamInfo(name, sid, int(count), head, last, mode, max_bytes))
         return result
@@ -119,7 +125,7 @@ def drop_stream(conn: Conn, name: str) -> list[str]:
     check_stream_name(name)
     try:
         with conn.transaction():
-            row = conn.execute("SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = _q(conn, "SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise UnknownStream(f"unknown stream {name!r}: nothing dropped")
             sid = int(row[0])
@@ -219,7 +225,8 @@ def _trigger_name(sid: int) -> str:
 def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
     """(schema, table) of every table captured into stream ``sid``; clones of a
     partitioned table's trigger on its partitions are not listed."""
-    rows = conn.execute(
+    rows = _q(
+        conn,
         "SELECT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE t.tgname = %s AND t.tgfoid = 'pgfeed.capture_v1()'::regprocedure AND t.tgparentid = 0"
@@ -244,7 +251,8 @@ def _check_ops(ops: list[str] | None) -> list[str]:
 
 
 def _table_oid(conn: Conn, schema: str, table: str) -> int:
-    row = conn.execute(
+    row = _q(
+        conn,
         "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s",
         (schema, table),
@@ -283,7 +291,8 @@ def capture(
             oid = _table_oid(conn, schema, table)
             existing = {
                 str(r[0])
-                for r in conn.execute(
+                for r in _q(
+                    conn,
                     "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
                     (oid,),
                 ).fetchall()
@@ -291,7 +300,8 @@ def capture(
             if key is None:
                 key = [
                     str(r[0])
-                    for r in conn.execute(
+                    for r in _q(
+                        conn,
                         "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
                         " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
                         " WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, overload
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
@@ -96,7 +97,8 @@ def _run(conn: Any, query: _Query) -> Any:
     if not isinstance(conn, psycopg.Connection):
         raise UsageError(f"expected a psycopg Connection or AsyncConnection, got {type(conn).__name__}")
     try:
-        row = conn.execute(text, params).fetchone()
+        # tuple_row: the caller's connection may have any row factory (dict_row, ...).
+        row = conn.cursor(row_factory=tuple_row).execute(text, params).fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
     return row[0] if row else None
@@ -104,7 +106,7 @@ def _run(conn: Any, query: _Query) -> Any:
 
 async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tuple[Any, ...], doing: str) -> Any:
     try:
-        cur = await conn.execute(text, params)
+        cur = await conn.cursor(row_factory=tuple_row).execute(text, params)
         row = await cur.fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
@@ -179,7 +181,7 @@ def commit_token(conn: Any) -> Any:
     try:
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
-            row = conn.execute(_COMMIT_TOKEN_QUERY).fetchone()
+            row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, "taking a commit token") from None
     return Position(int(row[0]))
@@ -189,7 +191,7 @@ async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> Position:
     try:
         async with conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = on")
-            cur = await conn.execute(_COMMIT_TOKEN_QUERY)
+            cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
             row = await cur.fetchone()
     except psycopg.Error as exc:
         raise translate(exc, "taking a commit token") from None

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from pgfeed_cli.main import cli
+from psycopg.rows import dict_row
 
 import pgfeed
 from pgfeed import admin
@@ -616,3 +617,29 @@ def test_invalidate_notifies_on_the_caches_channel(listener: Conn, pgfeed_conn: 
         pgfeed.invalidate(pgfeed_conn, "c", ["secret-key"])
         pgfeed.invalidate(pgfeed_conn, "c", None)
     assert notifications(listener, pgfeed_conn, [caches]) == [(f"pgfeed_v1_{caches}", "")]
+
+
+# -- the caller's connection settings --------------------------------------------
+
+
+def test_any_row_factory(pgfeed_dsn: str, pgfeed_conn: Conn, orders: int) -> None:
+    with psycopg.connect(pgfeed_dsn, row_factory=dict_row) as conn:
+        seq = pgfeed.append(conn, "orders", 1)
+        assert isinstance(seq, int)
+        assert pgfeed.append_many(conn, "orders", [2, 3]) == 2
+        assert isinstance(pgfeed.invalidate(conn, "c", None), int)
+        conn.commit()
+        assert isinstance(pgfeed.commit_token(conn), pgfeed.Position)
+        assert admin.stream_id(conn, "orders") == orders
+        assert {s.name for s in admin.list_streams(conn)} == {"caches", "orders"}
+    assert payloads(pgfeed_conn) == [1, 2, 3]
+
+
+async def test_any_row_factory_async(pgfeed_dsn: str, pgfeed_conn: Conn, orders: int) -> None:
+    async with await psycopg.AsyncConnection.connect(pgfeed_dsn, row_factory=dict_row) as conn:
+        assert isinstance(await pgfeed.append(conn, "orders", 1), int)
+        assert await pgfeed.append_many(conn, "orders", [2]) == 1
+        assert isinstance(await pgfeed.invalidate(conn, "c", ["k"]), int)
+        await conn.commit()
+        assert isinstance(await pgfeed.commit_token(conn), pgfeed.Position)
+    assert payloads(pgfeed_conn) == [1, 2]
