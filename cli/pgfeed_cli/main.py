@@ -330,7 +330,8 @@ class _LineAppender:
                 if len(values) == 1:
                     append(self.conn, self.stream, values[0], self.key)
                 else:
-                    append_many(self.conn, self.stream, values, [self.key] * len(values) if self.key else None)
+                    keys = None if self.key is None else [self.key] * len(values)
+                    append_many(self.conn, self.stream, values, keys)
         except PgfeedError as exc:
             raise self._stopped(type(exc)(f"{where}: {exc}"), last) from None
         except psycopg.Error as exc:  # the COMMIT itself failed: its outcome is unknown

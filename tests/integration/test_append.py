@@ -470,6 +470,10 @@ def test_cli_stdin_batches(pgfeed_cmd: Run, pgfeed_conn: Conn, orders: int) -> N
     assert result.stdout == "appended 5 rows\n"
     assert payloads(pgfeed_conn) == [{"n": i} for i in range(1, 6)]
     assert xid_groups(pgfeed_conn) == [2, 2, 1]
+    assert {r[1] for r in rows(pgfeed_conn)} == {None}
+    keyed = pgfeed_cmd("append", "orders", "-", "--batch", "2", "--key", "", input="6\n7\n")
+    assert keyed.exit_code == 0, keyed.output
+    assert [r[1] for r in rows(pgfeed_conn)][-2:] == ["", ""]
 
 
 def test_cli_stdin_empty(pgfeed_cmd: Run, pgfeed_conn: Conn, orders: int) -> None:
