@@ -297,6 +297,8 @@ class _Demo:
             self._row(self.readers[name], message)
         elif kind == "caught_up":
             self.readers[name].caught_up = str(message.get("position"))
+        elif kind == "notice":
+            self.say(f"  note: {message.get('message')}")
         elif kind == "error" and self.failure is None:
             self.failure = f"the demo {_role(name)} failed: {message.get('message')}"
 
@@ -499,22 +501,25 @@ def _writer(conninfo: str, rate: float, emit: _Emitter) -> int:
 
     import pgfeed
     from pgfeed import connect
+    from pgfeed.core.backoff import Backoff
 
-    with connect.connect(conninfo, doing="starting the demo writer") as conn:
-        emit({"type": "ready", "pid": os.getpid()})
-        if sys.stdin.readline().strip() != "go":
-            return 0
-        stop = threading.Event()
+    conn = connect.connect(conninfo, doing="starting the demo writer")
+    emit({"type": "ready", "pid": os.getpid()})
+    if sys.stdin.readline().strip() != "go":
+        return 0
+    stop = threading.Event()
 
-        def watch_stdin() -> None:
-            for _ in sys.stdin:
-                pass
-            stop.set()
+    def watch_stdin() -> None:
+        for _ in sys.stdin:
+            pass
+        stop.set()
 
-        threading.Thread(target=watch_stdin, daemon=True).start()
-        start = time.monotonic()
-        n = 0
-        token = None
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    start = time.monotonic()
+    n = 0
+    token = None
+    backoff = Backoff()
+    try:
         while not stop.wait(max(0.0, start + n / rate - time.monotonic())):
             n += 1
             try:
@@ -522,12 +527,34 @@ def _writer(conninfo: str, rate: float, emit: _Emitter) -> int:
                     payload = {"n": n, "text": f"hello #{n}", "t": round(time.time(), 6)}
                     seq = pgfeed.append(conn, STREAM, payload)
                 token = pgfeed.commit_token(conn)
+            except (pgfeed.ConnectError, psycopg.OperationalError) as exc:
+                # The server restarted or the connection dropped: whether row n
+                # committed is unknown (the readers will tell). Reconnect, go on.
+                emit({"type": "notice", "message": f"writer: {_one_line(exc)}; reconnecting"})
+                conn.close()
+                while not stop.wait(backoff.next_delay()):
+                    try:
+                        conn = connect.connect(conninfo, doing="reconnecting the demo writer")
+                    except pgfeed.ConnectError:
+                        continue
+                    emit({"type": "notice", "message": "writer: reconnected"})
+                    backoff.reset()
+                    break
+                start = time.monotonic() - n / rate  # resume the pace, no burst
+                continue
             except (pgfeed.PgfeedError, psycopg.Error) as exc:
-                emit({"type": "error", "message": str(exc).strip().splitlines()[0]})
+                emit({"type": "error", "message": _one_line(exc)})
                 return 1
             emit({"type": "wrote", "n": n, "seq": seq, "token": str(token)})
-        emit({"type": "done", "rows": n, "token": str(token) if token is not None else None})
+    finally:
+        conn.close()
+    emit({"type": "done", "rows": n, "token": str(token) if token is not None else None})
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _row_message(row: Any) -> Message:
