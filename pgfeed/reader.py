@@ -29,7 +29,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import structlog
@@ -81,9 +81,8 @@ class _Interrupted(Exception):
 ResetCallback = Callable[[str, str], Any]
 
 
-@dataclass(frozen=True)
-class Row:
-    """One delivered change."""
+class Row(NamedTuple):
+    """One delivered change (a named tuple: cheap to build by the million)."""
 
     stream: str
     position: Position
@@ -133,6 +132,10 @@ class _TickCache:
         if len(self.ticks) > self.limit:
             for key in sorted(self.ticks)[: len(self.ticks) - self.limit // 2]:
                 del self.ticks[key]
+
+    def first_missing(self, first: int, last: int) -> int | None:
+        """The lowest id in ``first..last`` not cached, or None."""
+        return next((i for i in range(first, last + 1) if i not in self.ticks), None)
 
     def run(self, first: int, last: int) -> list[Tick] | None:
         """Ticks ``first..last`` if all are cached, else None."""
@@ -443,7 +446,12 @@ class AsyncReader:
         await probe.close()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            # Ticks must be durable before anything is delivered from them.
+            # The reader's few queries run thousands of times: prepare them at
+            # once and keep one generic plan instead of planning every call.
             await conn.execute("SET synchronous_commit = on")
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            conn.prepare_threshold = 0
 
         self._pool = AsyncConnectionPool(
             self._conninfo,
@@ -704,14 +712,15 @@ class AsyncReader:
         await self._head_changed.wait_until(lambda: self._head is not None and self._head.id > tick_id)
 
     async def _ticks_between(self, conn: psycopg.AsyncConnection[Any], first: int, last: int) -> list[Tick]:
-        cached = self._ticks.run(first, last)
-        if cached is not None:
-            return cached
-        fetched = await store.fetch_ticks(conn, first, last)
-        if [t.id for t in fetched] != list(range(first, last + 1)):
-            raise _Interrupted(f"ticks {first}..{last} are no longer all in pgfeed.ticks (pruned)")
-        self._ticks.add(fetched)
-        return fetched
+        missing = self._ticks.first_missing(first, last)
+        if missing is not None:
+            fetched = await store.fetch_ticks(conn, missing, last)
+            if [t.id for t in fetched] != list(range(missing, last + 1)):
+                raise _Interrupted(f"ticks {missing}..{last} are no longer all in pgfeed.ticks (pruned)")
+            self._ticks.add(fetched)
+        ticks = self._ticks.run(first, last)
+        assert ticks is not None
+        return ticks
 
     async def _plan(self, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
         """Drive one :func:`read_step` with real queries."""

@@ -6,15 +6,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
 from pgfeed.core.positions import Snapshot, Tick
 
 
-@dataclass(frozen=True)
-class StoredRow:
+class StoredRow(NamedTuple):
     """A row as read from a stream partition."""
 
     xid: int
@@ -57,7 +56,7 @@ _ROW_COLUMNS = "e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload"
 # read in the same snapshot as the rows: if a prune committed before that
 # snapshot the floor says so; if after, the rows are whole.
 _ROWS = f"""
-SELECT f.floor_tick, r.*
+SELECT r.*, f.floor_tick
   FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
   LEFT JOIN LATERAL (
     (SELECT {_ROW_COLUMNS} FROM pgfeed.events e
@@ -122,10 +121,12 @@ async def fetch_rows(
             "hi": max(end.xmax, start.xmax),
             "snap": str(end),
         },
+        binary=True,
     )
     found = await cur.fetchall()
     if not found:
         return [], None
-    rows = [StoredRow(int(x), int(s), c, k, p) for _, x, s, c, k, p in found if x is not None]
-    rows.sort(key=lambda r: (r.xid, r.seq))
-    return rows[:limit], int(found[0][0])
+    rows = [StoredRow(x, s, c, k, p) for x, s, c, k, p, _ in found if x is not None]
+    if running:  # two ordered parts; already in order without them
+        rows.sort()
+    return rows[:limit], int(found[0][5])

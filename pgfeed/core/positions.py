@@ -41,7 +41,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from pgfeed.errors import TokenError
 
@@ -89,14 +89,14 @@ class Tick:
     snapshot: Snapshot
 
 
-@dataclass(frozen=True, order=True)
-class Position:
+class Position(NamedTuple):
     """A point in a stream's order; rendered as a token string.
 
     ``Position(n)`` (token ``"n"``) covers every interval up to and including
     tick ``n``. ``Position(n, xid, seq)`` (token ``"n.xid.seq"``) covers the
     intervals before ``n`` and those rows of interval ``n`` up to ``(xid,
-    seq)``. Positions compare in stream order.
+    seq)``. Positions compare in stream order (a named tuple: one is created
+    per delivered row, so it must be cheap).
     """
 
     tick: int
@@ -263,6 +263,17 @@ def read_step(pos: Position, head: int, limit: int, tick_window: int) -> Generat
     planned: Planned[Any] = plan_window(window, rows, limit)
     if planned.end is not None:
         return planned
+    # Nothing settled: the rows beyond the limit may belong to the first tick.
+    # Typically a large transaction that was running across many ticks fills
+    # the fetch. The ticks before the first one that sees it cannot contain
+    # any of its rows, so read those intervals without it, in one go.
+    blocker = first_visible_tick(window, rows[limit].xid)
+    before = [t for t in window if t.id < blocker.id]
+    if before:
+        rows = yield NeedRows(start.snapshot, before[-1].snapshot, limit + 1)
+        planned = plan_window(before, rows, limit)
+        if planned.end is not None:
+            return planned
     first = window[0]
     rows = yield NeedRows(start.snapshot, first.snapshot, limit + 1)
     return plan_interval(first.id, rows, limit)

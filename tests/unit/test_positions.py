@@ -290,3 +290,37 @@ def test_plan_window_cut_when_rows_exceed_the_limit() -> None:
     assert [r.seq for _, r in planned.rows] == [1]
     assert plan_window(window[1:], rows[1:], 1).end is None
     assert plan_interval(3, rows[1:], 1).end == Position(3, 101, 2)
+
+
+def test_a_transaction_open_across_many_ticks_does_not_slow_catch_up_to_a_crawl() -> None:
+    db = FakeDb()
+    db.tick()
+    big = db.begin()
+    for _ in range(50):
+        db.append(big)
+    for _ in range(40):  # small transactions commit, each followed by a tick
+        tx = db.begin()
+        db.append(tx)
+        db.end(tx, commit=True)
+        db.tick()
+    db.end(big, commit=True)
+    db.tick()
+    head = db.ticks[-1].id
+    pos, steps, queries = Position(1), 0, 0
+    delivered: list[tuple[Position, FakeRow]] = []
+    while pos < Position(head):
+        gen = read_step(pos, head, 10, 100)
+        reply: Any = None
+        try:
+            while True:
+                req = gen.send(reply)
+                queries += isinstance(req, NeedRows)
+                reply = db.fetch_ticks(req.first, req.last) if isinstance(req, NeedTicks) else db.fetch_rows(req)
+        except StopIteration as done:
+            delivered.extend(done.value.rows)
+            pos = done.value.end
+        steps += 1
+    assert delivered == canonical(db)
+    # 90 rows in batches of 10: about 9 steps, not one step per tick (41).
+    assert steps <= 12
+    assert queries <= 2 * steps
