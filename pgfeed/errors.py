@@ -96,8 +96,11 @@ def translate(exc: psycopg.Error, doing: str) -> PgfeedError:
         return PermissionDenied(f"permission denied while {doing}: {detail}")
     if isinstance(exc, pgerrors.UndefinedObject) and "unknown stream" in primary:
         return UnknownStream(primary.removeprefix("pgfeed: "))
-    missing = pgerrors.InvalidSchemaName | pgerrors.UndefinedTable | pgerrors.UndefinedFunction
-    if isinstance(exc, missing) and "pgfeed" in primary:
+    # Only a missing schema or table means "not installed"; a function that
+    # does not exist is more often a call with the wrong argument types.
+    schema_gone = isinstance(exc, pgerrors.InvalidSchemaName) and '"pgfeed"' in primary
+    table_gone = isinstance(exc, pgerrors.UndefinedTable) and 'relation "pgfeed.' in primary
+    if schema_gone or table_gone:
         return NotMigrated()
     if isinstance(exc, pgerrors.ProgramLimitExceeded | pgerrors.NullValueNotAllowed):
         return PayloadError(primary.removeprefix("pgfeed: "))
