@@ -205,7 +205,11 @@ def grant_reader(conn: Conn, role: str) -> None:
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
             conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events TO {}").format(r))
             conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}").format(r))
-            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pgfeed.tick_v1() TO {}").format(r))
+            conn.execute(
+                sql.SQL(
+                    "GRANT EXECUTE ON FUNCTION pgfeed.tick_v1(), pgfeed.tick_read_v1(text[], bigint[], integer) TO {}"
+                ).format(r)
+            )
             conn.execute(
                 "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
                 " SELECT oid, 'reader', NULL FROM pg_roles WHERE rolname = %s"

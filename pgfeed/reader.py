@@ -40,7 +40,7 @@ from pgfeed import store
 from pgfeed.connect import aconnect, resolve, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
-from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, read_step
+from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, plan_window, read_step
 from pgfeed.errors import (
     FutureToken,
     PgfeedError,
@@ -345,7 +345,7 @@ class Subscription:
         if self._fetch.complete and self._fetch.tick >= head.id:
             return False
         try:
-            planned = await reader._plan(self._meta.id, self._fetch, head)
+            planned = await reader._plan(self.stream, self._meta.id, self._fetch, head)
         except _Interrupted as why:
             # Pruned or dropped under us: discard the read, let a fresh tick tell.
             log.info("read interrupted; waiting for a fresh tick", stream=self.stream, reason=str(why))
@@ -427,6 +427,8 @@ class AsyncReader:
         self._invalidators: dict[str, list[Callable[[list[str] | None], Any]]] = {}
         self._cache_subscription: Subscription | None = None
         self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since]] = []
+        #: Rows read together with the newest tick: (stream, tick before it) -> (rows, floor).
+        self._prefetched: dict[tuple[str, int], tuple[list[store.StoredRow], int]] = {}
         self._open = False
         self._conninfo = ""
 
@@ -656,12 +658,20 @@ class AsyncReader:
         return sorted({s.stream for s in self._subscriptions})
 
     async def _tick_now(self, extra: list[str]) -> tuple[Tick, dict[str, store.StreamMeta]]:
+        """Take (or share) a tick. Subscriptions standing exactly at the
+        current head get the next interval's rows in the same round trip."""
         assert self._pool is not None
+        names = sorted({*self._stream_names(), *extra})
+        head = self._head.id if self._head is not None else -1
+        caught_up = {s.stream for s in self._subscriptions if s._fetch == Position(head)}
+        after = [head if name in caught_up else -1 for name in names]
         try:
             async with self._pool.connection() as conn:
-                tick, metas = await store.take_tick(conn, sorted({*self._stream_names(), *extra}))
+                tick, metas, rows = await store.tick_and_read(conn, names, after, self.batch_size)
         except psycopg.Error as exc:
             raise translate(exc, "taking a tick") from None
+        if tick.id == head + 1:
+            self._prefetched = {(name, head): found for name, found in rows.items()}
         self._publish(tick, metas)
         return tick, metas
 
@@ -722,9 +732,15 @@ class AsyncReader:
         assert ticks is not None
         return ticks
 
-    async def _plan(self, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
+    async def _plan(self, stream: str, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
         """Drive one :func:`read_step` with real queries."""
         assert self._pool is not None
+        ready = self._prefetched.get((stream, pos.tick)) if pos.complete and head.id == pos.tick + 1 else None
+        if ready is not None and len(ready[0]) <= self.batch_size:
+            rows, kept_from = ready
+            if kept_from > pos.tick:
+                raise _Interrupted(f"the stream was pruned up to tick {kept_from}")
+            return plan_window([head], rows, self.batch_size)
         steps = read_step(pos, head.id, self.batch_size, self.tick_window)
         start_tick = pos.tick if pos.complete else pos.tick - 1
         async with self._pool.connection() as conn:

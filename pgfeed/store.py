@@ -39,13 +39,6 @@ class StreamMeta:
 
 AConn = psycopg.AsyncConnection[Any]
 
-_TICK = """
-SELECT t.id, t.snap,
-       (SELECT coalesce(json_object_agg(s.name, json_build_array(s.id, s.created_tick, s.floor_tick)), '{}')
-          FROM pgfeed.streams s WHERE s.name = ANY(%s::text[]))::text
-  FROM pgfeed.tick_v1() t
-"""
-
 _TICKS = "SELECT id, snap::text FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
 
 _ROW_COLUMNS = "e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload"
@@ -74,14 +67,30 @@ SELECT r.*, f.floor_tick
 """  # noqa: S608  # a constant column list, no user input
 
 
-async def take_tick(conn: AConn, streams: Sequence[str]) -> tuple[Tick, dict[str, StreamMeta]]:
-    """Take (or share) a tick covering every commit so far, and read the
-    current incarnation of ``streams``."""
-    cur = await conn.execute(_TICK, (list(streams),))
-    row = await cur.fetchone()
-    assert row is not None
-    metas = {name: StreamMeta(int(v[0]), int(v[1]), int(v[2])) for name, v in json.loads(row[2]).items()}
-    return Tick(int(row[0]), Snapshot.parse(row[1])), metas
+_TICK_READ = "SELECT * FROM pgfeed.tick_read_v1(%s::text[], %s::bigint[], %s::integer)"
+
+#: Rows of the interval ending at the new tick, per stream: (rows, floor tick).
+Prefetched = dict[str, tuple[list[StoredRow], int]]
+
+
+async def tick_and_read(
+    conn: AConn, streams: Sequence[str], after_ticks: Sequence[int], limit: int
+) -> tuple[Tick, dict[str, StreamMeta], Prefetched]:
+    """Take (or share) a tick covering every commit so far; read the current
+    incarnation of ``streams``; and, for each stream whose ``after`` is the
+    tick just before the new one, the rows of ``(after, tick]`` (at most
+    ``limit + 1``) with the stream's floor."""
+    cur = await conn.execute(_TICK_READ, (list(streams), list(after_ticks), limit), binary=True)
+    found = await cur.fetchall()
+    head = found[0]
+    tick = Tick(int(head[0]), Snapshot.parse(head[1]))
+    metas = {name: StreamMeta(int(v[0]), int(v[1]), int(v[2])) for name, v in json.loads(head[2]).items()}
+    prefetched: Prefetched = {}
+    for _, _, _, name, x, s, c, k, p, floor in found[1:]:
+        rows, _ = prefetched.setdefault(name, ([], int(floor)))
+        if x is not None:
+            rows.append(StoredRow(x, s, c, k, p))
+    return tick, metas, prefetched
 
 
 async def head_tick_id(conn: AConn) -> int:
