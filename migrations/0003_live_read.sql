@@ -29,7 +29,8 @@ DECLARE
     t_snap text;
     b_snap pg_snapshot;
     a_snap pg_snapshot;
-    s      record;
+    s       record;
+    running xid8[];
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'pgfeed.tick_read_v1() must run in a transaction of its own'
@@ -53,19 +54,26 @@ BEGIN
     LOOP
         SELECT tk.snap INTO a_snap FROM pgfeed.ticks tk WHERE tk.id = s.after;
         CONTINUE WHEN a_snap IS NULL;
-        -- The floor is read in the same statement (snapshot) as the rows.
+        -- Transactions running at the previous tick and finished by this one
+        -- (all below its xmax), then the xids assigned since: two ordered
+        -- index range scans. The floor is read in the same statement
+        -- (snapshot) as the rows.
+        running := ARRAY(SELECT x FROM pg_snapshot_xip(a_snap) x WHERE pg_visible_in_snapshot(x, b_snap));
         RETURN QUERY
             SELECT t_id, NULL::text, NULL::text, s.name, r.xid, r.seq, r.created_at, r.key, r.payload, f.floor_tick
               FROM (SELECT st.floor_tick FROM pgfeed.streams st WHERE st.id = s.sid) f
               LEFT JOIN LATERAL (
-                  SELECT e.xid::text::bigint AS xid, e.seq, e.created_at, e.key, e.payload
-                    FROM pgfeed.events e
-                   WHERE e.stream_id = s.sid
-                     AND (e.xid >= pg_snapshot_xmax(a_snap)
-                          OR e.xid IN (SELECT pg_snapshot_xip(a_snap)))
-                     AND pg_visible_in_snapshot(e.xid, b_snap)
-                   ORDER BY e.xid, e.seq
-                   LIMIT lim + 1
+                  (SELECT e.xid::text::bigint AS xid, e.seq, e.created_at, e.key, e.payload
+                     FROM pgfeed.events e
+                    WHERE e.stream_id = s.sid AND e.xid = ANY (running)
+                    ORDER BY e.xid, e.seq LIMIT lim + 1)
+                  UNION ALL
+                  (SELECT e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload
+                     FROM pgfeed.events e
+                    WHERE e.stream_id = s.sid
+                      AND e.xid >= pg_snapshot_xmax(a_snap) AND e.xid < pg_snapshot_xmax(b_snap)
+                      AND pg_visible_in_snapshot(e.xid, b_snap)
+                    ORDER BY e.xid, e.seq LIMIT lim + 1)
               ) r ON true;
     END LOOP;
 END $$;

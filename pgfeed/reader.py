@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -56,6 +56,8 @@ from pgfeed.writer import CACHES_STREAM
 log = structlog.get_logger("pgfeed.reader")
 
 Since = str | Position
+#: How long a woken ticker waits for range reads in flight (seconds).
+LIVE_READ_GRACE = 0.005
 PRUNED = "the position is older than what the stream still holds (pruned)"
 
 
@@ -429,6 +431,8 @@ class AsyncReader:
         self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since]] = []
         #: Rows read together with the newest tick: (stream, tick before it) -> (rows, floor).
         self._prefetched: dict[tuple[str, int], tuple[list[store.StoredRow], int]] = {}
+        self._reads = 0  # range reads in flight
+        self._reads_done = _Signal()
         self._open = False
         self._conninfo = ""
 
@@ -699,6 +703,12 @@ class AsyncReader:
             self._wake.clear()
             if not self._subscriptions:
                 continue
+            if self._reads:
+                # Let reads in flight finish first, so the subscriptions stand at
+                # the head and this tick can carry their next rows (tick_read_v1).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LIVE_READ_GRACE):
+                        await self._reads_done.wait_until(lambda: self._reads == 0)
             try:
                 await self._tick_now([])
                 backoff.reset()
@@ -743,6 +753,18 @@ class AsyncReader:
             return plan_window([head], rows, self.batch_size)
         steps = read_step(pos, head.id, self.batch_size, self.tick_window)
         start_tick = pos.tick if pos.complete else pos.tick - 1
+        self._reads += 1
+        try:
+            return await self._drive(steps, stream_id, start_tick)
+        finally:
+            self._reads -= 1
+            self._reads_done.fire()
+
+    async def _drive(
+        self, steps: Generator[Any, Any, Planned[Any]], stream_id: int, start_tick: int
+    ) -> Planned[store.StoredRow]:
+        """Run a :func:`read_step` generator against the database."""
+        assert self._pool is not None
         async with self._pool.connection() as conn:
             reply: Any = None
             try:

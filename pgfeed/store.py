@@ -90,6 +90,8 @@ async def tick_and_read(
         rows, _ = prefetched.setdefault(name, ([], int(floor)))
         if x is not None:
             rows.append(StoredRow(x, s, c, k, p))
+    for rows, _ in prefetched.values():
+        rows.sort()  # two ordered parts, as in fetch_rows
     return tick, metas, prefetched
 
 
