@@ -150,6 +150,15 @@ def _role_exists(conn: Conn, role: str) -> None:
         raise UsageError(f"unknown role {role!r}: create it first (CREATE ROLE ...)")
 
 
+def _record_grant(conn: Conn, role: str, kind: str, sid: int | None) -> None:
+    """Remember a grant (by role oid) so that streams created later inherit "all streams" grants."""
+    conn.execute(
+        "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
+        " SELECT oid, %s, %s FROM pg_roles WHERE rolname = %s ON CONFLICT DO NOTHING",
+        (kind, sid, role),
+    )
+
+
 def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> None:
     """Let ``role`` append to ``streams`` (all streams, present and future, when None).
 
@@ -180,12 +189,7 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
             for sid in targets:
                 conn.execute(sql.SQL("GRANT INSERT (key, payload) ON {} TO {}").format(_partition(sid), r))
             for sid_or_all in ids if ids is not None else [None]:
-                conn.execute(
-                    "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
-                    " SELECT oid, 'writer', %s FROM pg_roles WHERE rolname = %s"
-                    " ON CONFLICT DO NOTHING",
-                    (sid_or_all, role),
-                )
+                _record_grant(conn, role, "writer", sid_or_all)
     except PgfeedError:
         raise
     except psycopg.Error as exc:
@@ -210,12 +214,7 @@ def grant_reader(conn: Conn, role: str) -> None:
                     "GRANT EXECUTE ON FUNCTION pgfeed.tick_v1(), pgfeed.tick_read_v1(text[], bigint[], integer) TO {}"
                 ).format(r)
             )
-            conn.execute(
-                "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
-                " SELECT oid, 'reader', NULL FROM pg_roles WHERE rolname = %s"
-                " ON CONFLICT DO NOTHING",
-                (role,),
-            )
+            _record_grant(conn, role, "reader", None)
     except PgfeedError:
         raise
     except psycopg.Error as exc:
