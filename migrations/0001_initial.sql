@@ -72,40 +72,60 @@ CREATE POLICY positions_own ON pgfeed.positions
 
 -- Tick creation. Serialised by a transaction-level advisory lock so that tick
 -- ids follow the order in which snapshots were taken: tick n+1's snapshot is
--- taken after tick n committed, hence sees a superset of it.
-CREATE FUNCTION pgfeed._take_tick_v1() RETURNS TABLE (id bigint, snap text)
+-- taken after tick n committed, hence sees a superset of it. READ COMMITTED
+-- is required: each statement below must see what committed before it ran.
+-- With share, the newest tick is returned instead of a new one when it already
+-- sees everything that had finished when the call began (decided on snapshots,
+-- not clocks).
+CREATE FUNCTION pgfeed._take_tick_v1(share boolean DEFAULT true) RETURNS TABLE (id bigint, snap text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    called_at timestamptz := clock_timestamp();
+    own       xid8 := pg_current_xact_id_if_assigned();
+    at_call   pg_snapshot;
     last_id   bigint;
-    last_at   timestamptz;
     last_snap pg_snapshot;
-    taken     timestamptz;
     current   pg_snapshot;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgfeed: ticks must be taken at READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = '25001',
+                  HINT = 'Use default_transaction_isolation = ''read committed'' on pgfeed connections.';
+    END IF;
+    SELECT s INTO at_call FROM pg_current_snapshot() AS s;
     PERFORM pg_advisory_xact_lock(7451287230471176193);
-    SELECT t.id, t.taken_at, t.snap INTO last_id, last_at, last_snap
+    SELECT t.id, t.snap INTO last_id, last_snap
         FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
-    -- A tick taken after this call began already covers every commit the caller
-    -- can have been told about: share it instead of writing another.
-    IF last_at IS NOT NULL AND last_at >= called_at THEN
+    IF share AND last_snap IS NOT NULL
+       AND pg_snapshot_xmax(last_snap) >= pg_snapshot_xmax(at_call)
+       AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(last_snap) AS x
+                        WHERE x < pg_snapshot_xmax(at_call)
+                          AND x NOT IN (SELECT pg_snapshot_xip(at_call))) THEN
         RETURN QUERY SELECT last_id, last_snap::text;
         RETURN;
     END IF;
-    taken := clock_timestamp();
-    -- A statement of its own, run after the lock was granted: in READ
-    -- COMMITTED it gets a snapshot taken now, which sees everything the
-    -- previous tick saw (that tick committed before we got the lock).
+    -- A statement of its own, run after the lock was granted: it gets a
+    -- snapshot taken now, which sees everything the previous tick saw (that
+    -- tick committed before we got the lock).
     SELECT s INTO current FROM pg_current_snapshot() AS s;
-    IF last_snap IS NOT NULL AND last_snap::text = current::text THEN
+    -- PostgreSQL leaves the caller's own transaction out of the running list;
+    -- it has not committed, so put it back (a tick taken by create_stream_v1
+    -- inside a larger transaction must not count that transaction as done).
+    IF own IS NOT NULL AND own < pg_snapshot_xmax(current) THEN
+        SELECT format('%s:%s:%s', least(pg_snapshot_xmin(current), own), pg_snapshot_xmax(current),
+                      string_agg(u.x::text, ',' ORDER BY u.x))::pg_snapshot
+          INTO current
+          FROM (SELECT pg_snapshot_xip(current) AS x UNION SELECT own) AS u;
+    END IF;
+    IF share AND last_snap IS NOT NULL AND last_snap::text = current::text THEN
         RETURN QUERY SELECT last_id, last_snap::text;
         RETURN;
     END IF;
     INSERT INTO pgfeed.ticks (id, snap, taken_at)
-        VALUES (coalesce(last_id, 0) + 1, current, taken);
+        VALUES (coalesce(last_id, 0) + 1, current, clock_timestamp());
     RETURN QUERY SELECT coalesce(last_id, 0) + 1, current::text;
 END $$;
-REVOKE ALL ON FUNCTION pgfeed._take_tick_v1() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgfeed._take_tick_v1(boolean) FROM PUBLIC;
 
 -- The public tick: readers call it when woken, writers after commit to get a
 -- read-your-writes token. It refuses to run inside a transaction that has
@@ -153,7 +173,9 @@ BEGIN
         RAISE EXCEPTION 'pgfeed: stream % already exists', quote_literal(stream)
             USING ERRCODE = '42710';
     END IF;
-    SELECT t.id INTO tick FROM pgfeed._take_tick_v1() t;
+    -- Always a new tick: one shared from before this transaction could be a
+    -- position of a dropped incarnation of the same name.
+    SELECT t.id INTO tick FROM pgfeed._take_tick_v1(false) t;
     INSERT INTO pgfeed.streams (name, created_tick, max_payload_bytes, notify_mode)
         VALUES (stream, tick, max_payload_bytes, notify_mode) RETURNING id INTO new_id;
     part := 'events_' || new_id;

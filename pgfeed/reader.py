@@ -61,6 +61,13 @@ LIVE_READ_GRACE = 0.005
 PRUNED = "the position is older than what the stream still holds (pruned)"
 
 
+def _pruned_past(pos: Position, meta: store.StreamMeta) -> bool:
+    """Whether a prune removed rows that reading on from ``pos`` needs: the
+    intervals up to the floor are gone, so a complete position must be at the
+    floor or later, and a partial one (inside interval n) after it."""
+    return pos.tick < meta.floor_tick or (not pos.complete and pos.tick <= meta.floor_tick)
+
+
 class _Signal:
     """Wakes every waiter on each :meth:`fire`; each waiter re-checks its own condition."""
 
@@ -215,6 +222,9 @@ class Subscription:
         if self._task is not None:
             await _stop([self._task])
         self._reader._subscriptions.discard(self)
+        # Wake a consumer waiting in __anext__: the subscription has ended.
+        self._drain_queue()
+        self._queue.put_nowait(None)
 
     async def __aenter__(self) -> Subscription:
         await self.start()
@@ -275,7 +285,7 @@ class Subscription:
         if start.tick < meta.created_tick:
             self._pending_reset = "the starting position is older than this stream's current incarnation"
             start = Position(meta.first_tick)
-        elif start.tick < meta.floor_tick:
+        elif _pruned_past(start, meta):
             self._pending_reset = PRUNED
             start = Position(meta.first_tick)
         self._fetch = start
@@ -311,7 +321,7 @@ class Subscription:
         if self._meta is None or meta.id != self._meta.id:
             self._reset_to(meta, "the stream was dropped and recreated")
             self._reader._listener_dirty()
-        elif self._fetch.tick < meta.floor_tick:
+        elif _pruned_past(self._fetch, meta):
             self._reset_to(meta, PRUNED)
         self._meta = meta
         return True
@@ -322,8 +332,9 @@ class Subscription:
         self._pending_reset = reason
         self._fetch = Position(meta.first_tick)
         self._drain_queue()
+        # No delivered position until the consumer has taken the reset batch:
+        # wait_for must not return before the consumer knows of the break.
         self._acked = None
-        self._advance(Position(meta.first_tick))
 
     def _drain_queue(self) -> None:
         while not self._queue.empty():
@@ -456,6 +467,7 @@ class AsyncReader:
             # The reader's few queries run thousands of times: prepare them at
             # once and keep one generic plan instead of planning every call.
             await conn.execute("SET synchronous_commit = on")
+            await conn.execute("SET default_transaction_isolation = 'read committed'")
             await conn.execute("SET plan_cache_mode = force_generic_plan")
             conn.prepare_threshold = 0
 
@@ -736,14 +748,18 @@ class AsyncReader:
 
     async def _ticks_between(self, conn: psycopg.AsyncConnection[Any], first: int, last: int) -> list[Tick]:
         missing = self._ticks.first_missing(first, last)
-        if missing is not None:
-            fetched = await store.fetch_ticks(conn, missing, last)
-            if [t.id for t in fetched] != list(range(missing, last + 1)):
-                raise _Interrupted(f"ticks {missing}..{last} are no longer all in pgfeed.ticks (pruned)")
-            self._ticks.add(fetched)
-        ticks = self._ticks.run(first, last)
-        assert ticks is not None
-        return ticks
+        if missing is None:
+            cached = self._ticks.run(first, last)
+            assert cached is not None
+            return cached
+        fetched = await store.fetch_ticks(conn, missing, last)
+        if [t.id for t in fetched] != list(range(missing, last + 1)):
+            raise _Interrupted(f"ticks {missing}..{last} are no longer all in pgfeed.ticks (pruned)")
+        # Assemble before caching: adding may evict the lowest ids, which
+        # are exactly the ones a catching-up read needs.
+        known = [self._ticks.ticks[i] for i in range(first, missing)]
+        self._ticks.add(fetched)
+        return known + fetched
 
     async def _plan(self, stream: str, stream_id: int, pos: Position, head: Tick) -> Planned[store.StoredRow]:
         """Drive one :func:`read_step` with real queries."""

@@ -180,6 +180,7 @@ def commit_token(conn: Any) -> Any:
         return _commit_token_async(conn)
     try:
         with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             conn.execute("SET LOCAL synchronous_commit = on")
             row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
     except psycopg.Error as exc:
@@ -190,6 +191,7 @@ def commit_token(conn: Any) -> Any:
 async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> Position:
     try:
         async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.execute("SET LOCAL synchronous_commit = on")
             cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
             row = await cur.fetchone()
