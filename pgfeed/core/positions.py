@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from pgfeed.errors import TokenError
@@ -157,13 +158,13 @@ class Planned(Generic[T]):
     end: Position | None
 
 
-def first_visible_tick(window: Sequence[Tick], xid: int) -> Tick:
-    """The first tick of ``window`` whose snapshot sees ``xid``.
+def first_visible_tick(window: Sequence[Tick], xid: int, lo: int = 0) -> Tick:
+    """The first tick of ``window`` (from index ``lo``) whose snapshot sees ``xid``.
 
     Visibility is monotonic along the window (argument point 1), so a binary
     search finds it. The caller guarantees the last tick sees ``xid``.
     """
-    lo, hi = 0, len(window) - 1
+    hi = len(window) - 1
     if not window[hi].snapshot.visible(xid):
         raise ValueError(f"xid {xid} is not visible in tick {window[hi].id}")
     while lo < hi:
@@ -216,8 +217,15 @@ def plan_interval(tick: int, rows: Sequence[R], limit: int) -> Planned[R]:
 
 
 def _order(window: Sequence[Tick], rows: Iterable[R]) -> list[tuple[Position, R]]:
-    placed = [(Position(first_visible_tick(window, r.xid).id, r.xid, r.seq), r) for r in rows]
-    placed.sort(key=lambda pair: pair[0])
+    xmaxes = [t.snapshot.xmax for t in window]
+    last = len(window) - 1
+    placed = []
+    for r in rows:
+        # No tick with xmax <= xid can see it; the first one after usually does.
+        i = min(bisect.bisect_right(xmaxes, r.xid), last)
+        tick = window[i] if window[i].snapshot.visible(r.xid) else first_visible_tick(window, r.xid, i)
+        placed.append((Position(tick.id, r.xid, r.seq), r))
+    placed.sort(key=itemgetter(0))
     return placed
 
 
