@@ -160,9 +160,18 @@ class Subscription:
     moves past it.
     """
 
-    def __init__(self, reader: AsyncReader, stream: str, since: Since, until: Since | None, queue_batches: int) -> None:
+    def __init__(
+        self,
+        reader: AsyncReader,
+        stream: str,
+        since: Since,
+        until: Since | None,
+        queue_batches: int,
+        consumer: str | None = None,
+    ) -> None:
         self._reader = reader
         self.stream = stream
+        self.consumer = consumer
         self._since = since
         self._until_spec = until
         self._until: Position | None = None
@@ -215,6 +224,8 @@ class Subscription:
         if self._acked is None or pos > self._acked:
             self._acked = pos
             self._reader._positions_changed()
+            if self.consumer is not None:
+                self._reader._unsaved.add(self)
 
     async def close(self) -> None:
         """Stop this subscription; other subscriptions are unaffected."""
@@ -276,6 +287,11 @@ class Subscription:
 
     async def _resolve_start(self) -> None:
         reader = self._reader
+        if self.consumer is not None:
+            saved = await reader._load_position(self.consumer, self.stream)
+            if saved is not None:
+                log.info("resuming from the saved position", stream=self.stream, consumer=self.consumer, token=saved)
+                self._since = saved
         head, metas = await reader._tick_now([self.stream])
         meta = metas.get(self.stream)
         if meta is None:
@@ -411,6 +427,7 @@ class AsyncReader:
         queue_batches: int = 4,
         tick_window: int = 2000,
         pool_size: int = 4,
+        save_interval: float = 1.0,
     ) -> None:
         if batch_size < 1 or queue_batches < 1 or tick_window < 1:
             raise UsageError("batch_size, queue_batches and tick_window must be positive")
@@ -421,6 +438,7 @@ class AsyncReader:
         self.batch_size = batch_size
         self.queue_batches = queue_batches
         self.tick_window = tick_window
+        self.save_interval = save_interval
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._subscriptions: set[Subscription] = set()
@@ -439,7 +457,8 @@ class AsyncReader:
         self._reset_callbacks: list[ResetCallback] = []
         self._invalidators: dict[str, list[Callable[[list[str] | None], Any]]] = {}
         self._cache_subscription: Subscription | None = None
-        self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since]] = []
+        self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since, str | None]] = []
+        self._unsaved: set[Subscription] = set()  # consumers whose delivered position is not saved yet
         #: Rows read together with the newest tick: (stream, tick before it) -> (rows, floor).
         self._prefetched: dict[tuple[str, int], tuple[list[store.StoredRow], int]] = {}
         self._reads = 0  # range reads in flight
@@ -492,12 +511,13 @@ class AsyncReader:
         self._tasks = [
             asyncio.create_task(self._listen(), name="pgfeed-listener"),
             asyncio.create_task(self._tick_loop(), name="pgfeed-ticker"),
+            asyncio.create_task(self._save_loop(), name="pgfeed-position-saver"),
         ]
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
         try:
-            for stream, fn, since in pending:
-                await self._start_callback(stream, fn, since)
+            for stream, fn, since, consumer in pending:
+                await self._start_callback(stream, fn, since, consumer)
         except BaseException:
             await self.close()
             raise
@@ -510,6 +530,10 @@ class AsyncReader:
         self._open = False
         for sub in list(self._subscriptions):
             await sub.close()
+        try:
+            await self._save_positions()
+        except PgfeedError as exc:
+            log.warning("could not save consumer positions on close", error=str(exc))
         self._wake.set()
         await _stop([*self._tasks, *self._callback_tasks])
         if self._pool is not None:
@@ -527,17 +551,27 @@ class AsyncReader:
             raise ReaderClosed("the reader is not open: use `async with AsyncReader(...)` or call open()")
 
     # -- public API ------------------------------------------------------
-    async def subscribe(self, stream: str, since: Since = "earliest", *, until: Since | None = None) -> Subscription:
+    async def subscribe(
+        self, stream: str, since: Since = "earliest", *, until: Since | None = None, consumer: str | None = None
+    ) -> Subscription:
         """Subscribe to ``stream`` from ``since`` (``"earliest"``, ``"now"`` or a
         token) and return a started :class:`Subscription` yielding batches.
 
         With ``until`` (``"now"`` or a token) iteration ends once that
-        position is delivered. Raises :class:`UnknownStream`,
-        :class:`TokenError` or :class:`FutureToken` at once.
+        position is delivered. With ``consumer``, the delivered position is
+        saved in ``pgfeed.positions`` (per role, every ``save_interval`` and on
+        close) and a later subscription with the same name resumes from it,
+        ignoring ``since``: after a crash, up to ``save_interval`` of rows are
+        delivered again (at-least-once across restarts; make handlers
+        idempotent or keep your own token in your own transaction).
+        Raises :class:`UnknownStream`, :class:`TokenError` or
+        :class:`FutureToken` at once.
         """
         self._require_open()
         check_stream_name(stream)
-        sub = Subscription(self, stream, since, until, self.queue_batches)
+        if consumer is not None and (not isinstance(consumer, str) or not consumer or len(consumer) > 200):
+            raise UsageError(f"invalid consumer name {consumer!r}: expected 1-200 characters")
+        sub = Subscription(self, stream, since, until, self.queue_batches, consumer)
         self._subscriptions.add(sub)
         try:
             await sub.start()
@@ -546,7 +580,14 @@ class AsyncReader:
             raise
         return sub
 
-    def on(self, stream: str, fn: Callable[[Batch], Any] | None = None, *, since: Since = "earliest") -> Any:
+    def on(
+        self,
+        stream: str,
+        fn: Callable[[Batch], Any] | None = None,
+        *,
+        since: Since = "earliest",
+        consumer: str | None = None,
+    ) -> Any:
         """Call ``fn(batch)`` for every batch of ``stream``, in order, one at a
         time. A sync ``fn`` runs in a worker thread; an async one on the loop.
 
@@ -563,17 +604,19 @@ class AsyncReader:
         if fn is None:
 
             def register(f: Callable[[Batch], Any]) -> Callable[[Batch], Any]:
-                self.on(stream, f, since=since)
+                self.on(stream, f, since=since, consumer=consumer)
                 return f
 
             return register
         if not self._open:
-            self._pending_callbacks.append((stream, fn, since))
+            self._pending_callbacks.append((stream, fn, since, consumer))
             return fn
-        return asyncio.ensure_future(self._start_callback(stream, fn, since))
+        return asyncio.ensure_future(self._start_callback(stream, fn, since, consumer))
 
-    async def _start_callback(self, stream: str, fn: Callable[[Batch], Any], since: Since) -> Subscription:
-        sub = await self.subscribe(stream, since)
+    async def _start_callback(
+        self, stream: str, fn: Callable[[Batch], Any], since: Since, consumer: str | None = None
+    ) -> Subscription:
+        sub = await self.subscribe(stream, since, consumer=consumer)
         self._spawn_consumer(sub, fn)
         return sub
 
@@ -661,6 +704,35 @@ class AsyncReader:
         return pos
 
     # -- internals: positions -------------------------------------------
+    async def _load_position(self, consumer: str, stream: str) -> str | None:
+        assert self._pool is not None
+        try:
+            async with self._pool.connection() as conn:
+                return await store.load_position(conn, consumer, stream)
+        except psycopg.Error as exc:
+            raise translate(exc, f"loading the saved position of consumer {consumer!r}") from None
+
+    async def _save_positions(self) -> None:
+        """Write the delivered position of every consumer that moved."""
+        if not self._unsaved or self._pool is None:
+            return
+        batch, self._unsaved = self._unsaved, set()
+        rows = [(s.consumer, s.stream, str(s.position)) for s in batch if s.consumer and s.position is not None]
+        try:
+            async with self._pool.connection() as conn:
+                await store.save_positions(conn, rows)
+        except psycopg.Error as exc:
+            self._unsaved |= batch  # try again next time
+            raise translate(exc, "saving consumer positions") from None
+
+    async def _save_loop(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.save_interval)
+            try:
+                await self._save_positions()
+            except PgfeedError as exc:
+                log.warning("could not save consumer positions; retrying", error=str(exc))
+
     def _positions_changed(self) -> None:
         self._positions.fire()
 

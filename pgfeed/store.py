@@ -95,6 +95,27 @@ async def tick_and_read(
     return tick, metas, prefetched
 
 
+async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:
+    """The token saved by this role for ``consumer`` on ``stream``, if any."""
+    cur = await conn.execute(
+        "SELECT token FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
+        (consumer, stream),
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else None
+
+
+async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, str]]) -> None:
+    """Upsert ``(consumer, stream, token)`` rows for this role, in one transaction."""
+    async with conn.transaction():
+        for consumer, stream, token in rows:
+            await conn.execute(
+                "INSERT INTO pgfeed.positions (consumer, stream, token) VALUES (%s, %s, %s)"
+                " ON CONFLICT (owner, consumer, stream) DO UPDATE SET token = excluded.token, updated_at = now()",
+                (consumer, stream, token),
+            )
+
+
 async def head_tick_id(conn: AConn) -> int:
     """The newest tick's id (0 before the first tick)."""
     cur = await conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks")

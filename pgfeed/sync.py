@@ -111,11 +111,20 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def subscribe(self, stream: str, since: Since = "earliest", *, until: Since | None = None) -> SyncSubscription:
+    def subscribe(
+        self, stream: str, since: Since = "earliest", *, until: Since | None = None, consumer: str | None = None
+    ) -> SyncSubscription:
         """See :meth:`AsyncReader.subscribe`."""
-        return SyncSubscription(self, self._call(self._async.subscribe(stream, since, until=until)))
+        return SyncSubscription(self, self._call(self._async.subscribe(stream, since, until=until, consumer=consumer)))
 
-    def on(self, stream: str, fn: Callable[[Batch], Any] | None = None, *, since: Since = "earliest") -> Any:
+    def on(
+        self,
+        stream: str,
+        fn: Callable[[Batch], Any] | None = None,
+        *,
+        since: Since = "earliest",
+        consumer: str | None = None,
+    ) -> Any:
         """See :meth:`AsyncReader.on`; ``fn`` runs on a background thread.
 
         On an open reader it starts at once and returns the
@@ -125,16 +134,16 @@ class Reader:
         if fn is None:
 
             def register(f: Callable[[Batch], Any]) -> Callable[[Batch], Any]:
-                self.on(stream, f, since=since)
+                self.on(stream, f, since=since, consumer=consumer)
                 return f
 
             return register
         if not self._started:
-            self._async.on(stream, fn, since=since)
+            self._async.on(stream, fn, since=since, consumer=consumer)
             return fn
 
         async def start() -> Subscription:
-            task: asyncio.Future[Subscription] = self._async.on(stream, fn, since=since)
+            task: asyncio.Future[Subscription] = self._async.on(stream, fn, since=since, consumer=consumer)
             return await task
 
         return SyncSubscription(self, self._call(start()))

@@ -256,3 +256,28 @@ def test_sync_decorator_form(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.
         pgfeed.append(pgfeed_conn, stream, {"id": 1})
         reader.wait_for(stream, pgfeed.commit_token(pgfeed_conn), timeout=5)
     assert got == [1]
+
+
+async def test_a_named_consumer_resumes_where_it_stopped(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    for i in range(6):
+        pgfeed.append(pgfeed_conn, stream, {"id": i})
+    async with pgfeed.AsyncReader(pgfeed_dsn, batch_size=3) as reader:
+        sub = await reader.subscribe(stream, "earliest", consumer="billing")
+        first = await asyncio.wait_for(sub.__anext__(), 5)
+        await asyncio.wait_for(sub.__anext__(), 5)  # takes the second batch: the first is delivered
+    assert [r.payload["id"] for r in first.rows] == [0, 1, 2]
+    saved = pgfeed_conn.execute(
+        "SELECT owner = current_user, token FROM pgfeed.positions WHERE consumer = 'billing' AND stream = %s",
+        (stream,),
+    ).fetchall()
+    assert saved == [(True, str(first.position))]
+    pgfeed.append(pgfeed_conn, stream, {"id": 6})
+    async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        sub = await reader.subscribe(stream, "now", consumer="billing", until="now")  # since is ignored
+        rest = [r.payload["id"] async for b in sub for r in b.rows]
+    assert rest == [3, 4, 5, 6]
+    with pytest.raises(UsageError, match="invalid consumer name"):
+        async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+            await reader.subscribe(stream, consumer="")
