@@ -29,7 +29,7 @@ from pgfeed.errors import (
     ServerUnreachable,
     UsageError,
 )
-from pgfeed.testing import TestServer, drop_database
+from pgfeed.testing import TestServer
 
 PGFEED = shutil.which("pgfeed", path=str(Path(sys.executable).parent)) or "pgfeed"
 #: The environment of a user who has told pgfeed nothing about where PostgreSQL is.
@@ -83,16 +83,6 @@ def new_role(server: TestServer, roles: list[str], options: str) -> str:
     with psycopg.connect(server.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} " + options).format(sql.Identifier(name)))
     return name
-
-
-@pytest.fixture
-def fresh_db(pgfeed_server: TestServer) -> Iterator[str]:
-    """Name of an empty database (pgfeed not migrated)."""
-    name = f"pgfeed_fresh_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield name
-    drop_database(pgfeed_server, name)
 
 
 def test_unreachable_server() -> None:

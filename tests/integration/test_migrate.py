@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +13,19 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from pgfeed_cli.main import cli
-from psycopg import sql
 
 from pgfeed.errors import MigrationError, PgfeedError
 from pgfeed.migrator import MIGRATE_LOCK, load_migrations, migrate, status
-from pgfeed.testing import TestServer, drop_database
+from pgfeed.testing import TestServer
 
 # The pgfeed of the environment running the tests, wherever that is.
 PGFEED = str(Path(sys.executable).with_name("pgfeed"))
 
 
 @pytest.fixture
-def fresh_dsn(pgfeed_server: TestServer) -> Iterator[str]:
+def fresh_dsn(pgfeed_server: TestServer, fresh_db: str) -> str:
     """An empty database: pgfeed never migrated into it."""
-    name = f"pgfeed_fresh_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield pgfeed_server.dsn_for(name)
-    drop_database(pgfeed_server, name)
+    return pgfeed_server.dsn_for(fresh_db)
 
 
 def run(dsn: str, *args: str) -> Result:
