@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import structlog
 from psycopg import conninfo as pg_conninfo
 
 from pgfeed.errors import (
@@ -25,8 +23,9 @@ from pgfeed.errors import (
     UsageError,
     translate,
 )
+from pgfeed.log import get_logger
 
-log = structlog.get_logger("pgfeed.connect")
+log = get_logger("pgfeed.connect")
 
 #: libpq variables that mean "the user has told libpq where the server is".
 LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGSERVICE", "PGUSER")
@@ -61,6 +60,7 @@ def start_embedded(data_dir: Path | None = None, *, announce: bool = True) -> st
     """Start (or find running) the embedded PostgreSQL and return its conninfo.
 
     The server outlives this process so the next ``pgfeed`` command reuses it.
+    ``announce`` logs (at INFO, on ``pgfeed.connect``) which server is used.
     """
     try:
         with warnings.catch_warnings():
@@ -77,10 +77,7 @@ def start_embedded(data_dir: Path | None = None, *, announce: bool = True) -> st
     except Exception as exc:  # the embedded server reports many kinds of failure
         raise ConnectError(f"could not start the embedded PostgreSQL in {data_dir}: {exc}") from exc
     if announce:
-        print(
-            f"pgfeed: using the embedded PostgreSQL in {data_dir} (pass --dsn or set PGFEED_DSN to use your own)",
-            file=sys.stderr,
-        )
+        log.info("using the embedded PostgreSQL; pass a DSN or set PGFEED_DSN to use your own", data_dir=str(data_dir))
     return uri
 
 

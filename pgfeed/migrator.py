@@ -9,12 +9,12 @@ from importlib import resources
 from pathlib import Path
 
 import psycopg
-import structlog
 
 from pgfeed.core.migrations import Migration, check_sequence, parse_file_name, plan
 from pgfeed.errors import MigrationError, PermissionDenied, PgfeedError, translate
+from pgfeed.log import get_logger
 
-log = structlog.get_logger("pgfeed.migrate")
+log = get_logger("pgfeed.migrate")
 
 #: Session advisory lock held while migrating ("pgfeed" + 0x0002).
 MIGRATE_LOCK = 7451287230471176194

@@ -479,21 +479,17 @@ class _Emitter:
 
 
 def _configure_child_logging(name: str) -> None:
-    """The reader's structlog warnings go to stderr (stdout carries the protocol)."""
+    """pgfeed's warnings go to stderr (stdout carries the protocol)."""
     import logging
 
-    import structlog
+    from pgfeed_cli import logs
 
     def render(_: Any, level: str, event: Any) -> str:
         text = event.pop("event", "")
         extra = " ".join(f"{k}={v}" for k, v in event.items())
         return f"pgfeed demo {name}: {level}: {text} {extra}".rstrip()
 
-    structlog.configure(
-        processors=[render],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    logs.install(logging.WARNING, [render])
 
 
 def _writer(conninfo: str, rate: float, emit: _Emitter) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -16,7 +15,6 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
-import structlog
 
 from pgfeed import admin, connect, migrator
 from pgfeed.core.names import (
@@ -30,28 +28,9 @@ from pgfeed.core.names import (
 from pgfeed.errors import PgfeedError, StreamExists, UsageError, translate
 from pgfeed.reader import AsyncReader, Row
 from pgfeed.writer import append, append_many
+from pgfeed_cli import logs
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def configure_logging(verbose: int, debug: bool) -> None:
-    """Human-readable logs on a terminal, JSON lines otherwise; to stderr."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    renderer: Any = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        # Look sys.stderr up at each call: it may be replaced after configuration.
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    # psycopg_pool logs every failed attempt with a traceback; pgfeed reports
-    # the failure itself in one line.
-    logging.getLogger("psycopg").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 class Context:
@@ -118,7 +97,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.pass_context
 def cli(ctx: click.Context, dsn: str | None, verbose: int, debug: bool) -> None:
     """pgfeed: a gap-free, ordered change feed on PostgreSQL."""
-    configure_logging(verbose, debug)
+    logs.configure(bool(verbose), debug)
     ctx.obj = Context(dsn, debug)
 
 
