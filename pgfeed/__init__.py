@@ -7,8 +7,10 @@ per process.
 """
 
 from pgfeed.core.positions import Position
+from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     ConnectError,
+    ForkedReader,
     FutureToken,
     PayloadError,
     PermissionDenied,
@@ -18,6 +20,7 @@ from pgfeed.errors import (
     UsageError,
     WaitTimeout,
 )
+from pgfeed.options import ReaderOptions
 from pgfeed.reader import AsyncReader, Batch, Row, Subscription
 from pgfeed.sync import Reader, SyncSubscription
 from pgfeed.writer import append, append_many, commit_token, invalidate
@@ -27,13 +30,16 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncReader",
     "Batch",
+    "CommitToken",
     "ConnectError",
+    "ForkedReader",
     "FutureToken",
     "PayloadError",
     "PermissionDenied",
     "PgfeedError",
     "Position",
     "Reader",
+    "ReaderOptions",
     "Row",
     "Subscription",
     "SyncSubscription",

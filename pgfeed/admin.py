@@ -15,8 +15,8 @@ from pgfeed.core.names import check_stream_name, format_qualified_table
 from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
 
 Conn = psycopg.Connection[Any]
-NotifyMode = Literal["immediate", "poll"]
-NOTIFY_MODES = ("immediate", "poll")
+NotifyMode = Literal["ticker", "immediate", "poll"]
+NOTIFY_MODES = ("ticker", "immediate", "poll")
 DEFAULT_MAX_PAYLOAD = 1_048_576
 #: The largest per-stream limit (the column is a PostgreSQL integer).
 MAX_MAX_PAYLOAD = 2**31 - 1
@@ -60,7 +60,7 @@ def stream_id(conn: Conn, name: str) -> int:
 
 
 def create_stream(
-    conn: Conn, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, notify_mode: NotifyMode = "immediate"
+    conn: Conn, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, notify_mode: NotifyMode = "ticker"
 ) -> int:
     """Create a stream and return its id; :class:`StreamExists` if it exists (nothing changes)."""
     check_stream_name(name)
@@ -75,7 +75,7 @@ def create_stream(
             if _q(conn, "SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
                 raise StreamExists(f"stream {name!r} already exists; nothing changed")
             row = _q(
-                conn, "SELECT pgfeed.create_stream_v1(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
+                conn, "SELECT pgfeed.create_stream_v2(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
             ).fetchone()
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
         raise StreamExists(f"stream {name!r} already exists; nothing changed") from None
@@ -86,16 +86,8 @@ def create_stream(
 
 
 def _head(conn: Conn) -> int:
-    """A position covering every transaction committed so far: a fresh tick.
-
-    Inside the caller's open transaction a tick cannot be taken (it would hold
-    the tick lock until that transaction ends), so the latest tick is used.
-    """
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        with conn.transaction():
-            row = _q(conn, "SELECT id FROM pgfeed.tick_v1()").fetchone()
-    else:
-        row = _q(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+    """The newest tick (read-only: ticks are the ticker's business)."""
+    row = _q(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -173,12 +165,18 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
             conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams TO {}").format(r))
             conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE pgfeed.event_seq TO {}").format(r))
+            # append_v2 inserts through the parent table; the events_append
+            # policy limits it to the granted streams.
+            conn.execute(sql.SQL("GRANT INSERT (stream_id, key, payload) ON pgfeed.events TO {}").format(r))
             conn.execute(
                 sql.SQL(
-                    "GRANT EXECUTE ON FUNCTION pgfeed.append_v1(text, jsonb, text),"
-                    " pgfeed.append_many_v1(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),"
-                    " pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v1(text, text[]),"
-                    " pgfeed.tick_v1() TO {}"
+                    "GRANT EXECUTE ON FUNCTION pgfeed.append_v2(text, jsonb, text),"
+                    " pgfeed.append_many_v2(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),"
+                    " pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v2(text, text[]),"
+                    " pgfeed._may_append_v2(bigint, name), pgfeed.commit_token_v2(), pgfeed.commit_token(),"
+                    # The previous release's writers, during a rolling upgrade.
+                    " pgfeed.append_v1(text, jsonb, text), pgfeed.append_many_v1(text, jsonb[], text[]),"
+                    " pgfeed.invalidate_v1(text, text[]), pgfeed.tick_v1() TO {}"
                 ).format(r)
             )
             targets = (
@@ -199,19 +197,23 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
 def grant_reader(conn: Conn, role: str) -> None:
     """Let ``role`` read every stream and keep its own saved positions.
 
-    A reader cannot append, alter or drop; it can take ticks (which only
-    record snapshots) so that it can advance.
+    A reader cannot append, alter, drop or tick: it only reads (and writes
+    its own saved positions, for named consumers). Something else must tick:
+    ``pgfeed daemon``, or a process whose role has :func:`grant_ticker`.
     """
     r = sql.Identifier(role)
     try:
         with conn.transaction():
             _role_exists(conn, role)
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
-            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events TO {}").format(r))
+            conn.execute(
+                sql.SQL("GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events, pgfeed.ticker TO {}").format(r)
+            )
             conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}").format(r))
             conn.execute(
                 sql.SQL(
-                    "GRANT EXECUTE ON FUNCTION pgfeed.tick_v1(), pgfeed.tick_read_v1(text[], bigint[], integer) TO {}"
+                    "GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),"
+                    " pgfeed.resolve_token_v2(text) TO {}"
                 ).format(r)
             )
             _record_grant(conn, role, "reader", None)
@@ -219,6 +221,30 @@ def grant_reader(conn: Conn, role: str) -> None:
         raise
     except psycopg.Error as exc:
         raise translate(exc, f"granting reader to {role!r}") from None
+
+
+def grant_ticker(conn: Conn, role: str) -> None:
+    """Let ``role`` run the ticker (``pgfeed daemon``, or a reader's embedded
+    ticker): campaign for the lease and take ticks. Ticks only record
+    snapshots; the role gains no access to any stream's rows."""
+    r = sql.Identifier(role)
+    try:
+        with conn.transaction():
+            _role_exists(conn, role)
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
+            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.ticker TO {}").format(r))
+            conn.execute(
+                sql.SQL(
+                    "GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean),"
+                    " pgfeed.ticker_claim_v2(text, text, integer), pgfeed.ticker_renew_v2(bigint, integer),"
+                    " pgfeed.ticker_resign_v2(bigint) TO {}"
+                ).format(r)
+            )
+            _record_grant(conn, role, "ticker", None)
+    except PgfeedError:
+        raise
+    except psycopg.Error as exc:
+        raise translate(exc, f"granting ticker to {role!r}") from None
 
 
 def _trigger_name(sid: int) -> str:
@@ -368,6 +394,7 @@ __all__ = [
     "create_stream",
     "drop_stream",
     "grant_reader",
+    "grant_ticker",
     "grant_writer",
     "list_streams",
     "stream_id",

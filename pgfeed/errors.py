@@ -107,3 +107,12 @@ def translate(exc: psycopg.Error, doing: str) -> PgfeedError:
     if isinstance(exc, psycopg.OperationalError):
         return ConnectError(f"lost or could not open the connection while {doing}: {detail}")
     return PgfeedError(f"{doing} failed: {detail}")
+
+
+class ForkedReader(UsageError):
+    """This reader was opened in another process before a fork: open a reader in each worker process after the \
+fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)."""
+
+
+class CommitTokenUnavailable(PgfeedError):
+    """The transaction is committed, but no commit token could be had."""

@@ -4,11 +4,15 @@ pool for range reads, any number of subscriptions.
 How a reader stays gap-free (the argument itself is in
 :mod:`pgfeed.core.positions`):
 
-* The listener LISTENs first, then wakes the ticker, so a catch-up always
+* The reader never takes ticks: one ticker per database does (``pgfeed
+  daemon``, or the :class:`~pgfeed.ticker.Ticker` this reader runs when its
+  role may tick and nobody else does, ``ticker="auto"``). The reader learns
+  of new ticks by LISTEN on the ticker's channel plus a fallback poll of
+  ``pgfeed.ticks``, so it needs only SELECT (and works on a hot standby, by
+  polling).
+* The listener LISTENs first, then wakes the refresher, so a catch-up always
   starts after the subscription is live (notifications are only hints).
-* The ticker takes a tick (``pgfeed.tick_v1()``) when woken by a NOTIFY, by a
-  subscriber that needs one, or by the fallback poll. Every delivery decision
-  comes from rows read after that tick committed.
+  Every delivery decision comes from rows read after the tick committed.
 * Each subscription pulls batches from its own position up to the newest tick
   and puts them on a bounded queue: a slow consumer only slows itself, and
   memory is bounded by ``queue_batches * batch_size`` rows per subscription.
@@ -29,10 +33,9 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
-import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -41,6 +44,7 @@ from pgfeed.connect import aconnect, resolve, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, plan_window, read_step
+from pgfeed.core.tokens import CommitToken, first_covering
 from pgfeed.errors import (
     FutureToken,
     PgfeedError,
@@ -51,14 +55,20 @@ from pgfeed.errors import (
     WaitTimeout,
     translate,
 )
+from pgfeed.log import get_logger
+from pgfeed.ticker import TICKS_CHANNEL, Ticker, TickerUnavailable
 from pgfeed.writer import CACHES_STREAM
 
-log = structlog.get_logger("pgfeed.reader")
+log = get_logger("pgfeed.reader")
 
 Since = str | Position
+Token = str | Position | CommitToken
+T = TypeVar("T")
 #: How long a woken ticker waits for range reads in flight (seconds).
 LIVE_READ_GRACE = 0.005
 PRUNED = "the position is older than what the stream still holds (pruned)"
+#: How long resolving "now" may wait for the ticker (seconds).
+NOW_TIMEOUT = 30.0
 
 
 def _pruned_past(pos: Position, meta: store.StreamMeta) -> bool:
@@ -187,6 +197,7 @@ class Subscription:
         self._ready = asyncio.Event()
         self._failure: BaseException | None = None
         self._closed = False
+        self._epoch = 0  # bumped by every reset: a read begun before it is discarded
 
     # -- consumer side ---------------------------------------------------
     @property
@@ -297,6 +308,17 @@ class Subscription:
         if meta is None:
             raise UnknownStream(f"unknown stream {self.stream!r}: create it with `pgfeed stream create {self.stream}`")
         self._meta = meta
+        try:
+            async with asyncio.timeout(NOW_TIMEOUT):
+                self._since = await reader._resolve_spec(self._since)
+                if self._until_spec is not None:
+                    self._until_spec = await reader._resolve_spec(self._until_spec)
+        except TimeoutError:
+            raise PgfeedError(
+                f"no tick covered the present within {NOW_TIMEOUT:g}s: is a ticker running "
+                "(`pgfeed daemon`, or a reader whose role may tick)?"
+            ) from None
+        head = reader._head or head
         start = self._parse_since(self._since, head, meta, "since")
         if start.tick < meta.created_tick:
             self._pending_reset = "the starting position is older than this stream's current incarnation"
@@ -308,7 +330,7 @@ class Subscription:
         self._acked = start
         if self._until_spec is not None:
             self._until = self._parse_since(self._until_spec, head, meta, "until")
-        await reader._listener_ready(meta.id)
+        await reader._listener_ready()
 
     def _parse_since(self, spec: Since, head: Tick, meta: store.StreamMeta, what: str) -> Position:
         if isinstance(spec, Position):
@@ -336,15 +358,20 @@ class Subscription:
         assert self._fetch is not None
         if self._meta is None or meta.id != self._meta.id:
             self._reset_to(meta, "the stream was dropped and recreated")
-            self._reader._listener_dirty()
         elif _pruned_past(self._fetch, meta):
             self._reset_to(meta, PRUNED)
         self._meta = meta
         return True
 
+    def _history_changed(self, reason: str) -> None:
+        """The database is not the history we read (see AsyncReader._check_history)."""
+        if self._meta is not None and self._fetch is not None:
+            self._reset_to(self._meta, reason)
+
     def _reset_to(self, meta: store.StreamMeta, reason: str) -> None:
         """Continuity is lost: forget what was read ahead and restart at the stream's first tick."""
         log.warning("continuity lost; resetting", stream=self.stream, stream_id=meta.id, reason=reason)
+        self._epoch += 1
         self._pending_reset = reason
         self._fetch = Position(meta.first_tick)
         self._drain_queue()
@@ -373,8 +400,11 @@ class Subscription:
         assert self._fetch is not None
         if self._fetch.complete and self._fetch.tick >= head.id:
             return False
+        epoch = self._epoch
         try:
             planned = await reader._plan(self.stream, self._meta.id, self._fetch, head)
+            if epoch != self._epoch:
+                return False  # reset while reading: the read belongs to the old history
         except _Interrupted as why:
             # Pruned or dropped under us: discard the read, let a fresh tick tell.
             log.info("read interrupted; waiting for a fresh tick", stream=self.stream, reason=str(why))
@@ -411,6 +441,10 @@ class AsyncReader:
     ``probe_interval``: how often the listener proves its connection alive.
     ``batch_size``: rows per batch; ``queue_batches``: batches read ahead per
     subscription (memory per subscription is bounded by their product).
+    ``ticker``: ``"auto"`` (default) lets this process be the database's
+    ticker while no ``pgfeed daemon`` runs, if its role may tick; ``"off"``
+    never ticks (readers with only the reader grant, hot standbys).
+    ``ticker_lease``: how long a dead embedded ticker holds the lease.
 
     Use ``async with AsyncReader(...) as reader:``; callbacks given to
     :meth:`on` run on the event loop (async) or in a worker thread (sync).
@@ -428,9 +462,16 @@ class AsyncReader:
         tick_window: int = 2000,
         pool_size: int = 4,
         save_interval: float = 1.0,
+        ticker: str = "auto",
+        ticker_lease: float = 10.0,
     ) -> None:
         if batch_size < 1 or queue_batches < 1 or tick_window < 1:
             raise UsageError("batch_size, queue_batches and tick_window must be positive")
+        if ticker not in ("auto", "off"):
+            raise UsageError(f"invalid ticker {ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'")
+        self.ticker_mode = ticker
+        self.ticker_lease = ticker_lease
+        self._ticker: Ticker | None = None
         self._conninfo_arg = conninfo
         self.poll_interval = poll_interval
         self.probe_interval = probe_interval
@@ -448,9 +489,7 @@ class AsyncReader:
         self._head_changed = _Signal()
         self._wake = asyncio.Event()
         self._positions = _Signal()
-        self._channels: set[str] = set()
-        self._listening: set[str] = set()
-        self._listen_changed = asyncio.Event()
+        self._listening = False
         self._listener_up = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._callback_tasks: set[asyncio.Task[None]] = set()
@@ -510,9 +549,12 @@ class AsyncReader:
         self._open = True
         self._tasks = [
             asyncio.create_task(self._listen(), name="pgfeed-listener"),
-            asyncio.create_task(self._tick_loop(), name="pgfeed-ticker"),
+            asyncio.create_task(self._refresh_loop(), name="pgfeed-refresher"),
             asyncio.create_task(self._save_loop(), name="pgfeed-position-saver"),
         ]
+        if self.ticker_mode == "auto":
+            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.ticker_lease)
+            self._tasks.append(asyncio.create_task(self._run_ticker(self._ticker), name="pgfeed-embedded-ticker"))
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
         try:
@@ -536,6 +578,9 @@ class AsyncReader:
             log.warning("could not save consumer positions on close", error=str(exc))
         self._wake.set()
         await _stop([*self._tasks, *self._callback_tasks])
+        if self._ticker is not None:
+            await self._ticker.close()
+            self._ticker = None
         if self._pool is not None:
             await self._pool.close()
         log.info("reader closed")
@@ -665,43 +710,109 @@ class AsyncReader:
         positions = [s.position for s in self._subscriptions if s.stream == stream and s.position is not None]
         return min(positions) if positions else None
 
-    async def wait_for(self, stream: str, token: str | Position, timeout: float = 10.0) -> Position:
+    async def wait_for(self, stream: str, token: Token, timeout: float = 10.0) -> Position:
         """Return once this process has delivered ``stream`` up to ``token``.
 
-        Event-driven. Refuses at once a token beyond anything the database
-        has issued (:class:`FutureToken`) and a stream this process does not
-        follow; raises :class:`WaitTimeout` after ``timeout`` seconds.
+        ``token`` is a position token (``row.token``, ``"41"``) or a commit
+        token from :func:`pgfeed.commit_token` (``"x1234"``, ``"s..."``), which
+        is resolved to the first tick covering that commit. Event-driven; no
+        query at all when the token is already covered. Refuses at once a
+        token beyond anything the database has issued (:class:`FutureToken`)
+        and a stream this process does not follow; rides out lost connections
+        and server restarts; raises :class:`WaitTimeout` after ``timeout``
+        seconds. Raises only :class:`PgfeedError` subclasses.
         """
         self._require_open()
-        target = token if isinstance(token, Position) else Position.parse(token)
+        commit = token if isinstance(token, CommitToken) else None
+        if isinstance(token, str):
+            commit = CommitToken.parse(token)
+        target = None if commit is not None else (token if isinstance(token, Position) else Position.parse(str(token)))
         if not any(s.stream == stream for s in self._subscriptions):
             raise UsageError(f"this reader does not follow stream {stream!r}: subscribe to it before waiting")
-        current = self.position(stream)
-        if current is not None and current >= target:
-            return current
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
-            newest = await store.head_tick_id(conn)
-        if target.tick > newest:
-            raise FutureToken(f"position {target} is beyond anything this database has issued (newest tick {newest})")
-        if self._head is None or self._head.id < target.tick:
-            self._wake.set()
-
-        def reached() -> bool:
-            pos = self.position(stream)
-            return pos is not None and pos >= target
-
         try:
             async with asyncio.timeout(timeout):
-                await self._positions.wait_until(reached)
+                if commit is not None:
+                    target = await self._resolve_commit(commit)
+                assert target is not None
+                current = self.position(stream)
+                if current is not None and current >= target:
+                    return current
+                if self._head is None or self._head.id < target.tick:
+                    newest = await self._retrying(store.head_tick_id, "checking a token")
+                    if target.tick > newest:
+                        raise FutureToken(
+                            f"position {target} is beyond anything this database has issued (newest tick {newest})"
+                        )
+                    self._wake.set()
+                await self._positions.wait_until(lambda: _reached(self.position(stream), target))
         except TimeoutError:
             raise WaitTimeout(
-                f"timed out after {timeout:g}s waiting for stream {stream!r} to reach {target}; "
+                f"timed out after {timeout:g}s waiting for stream {stream!r} to reach {target or commit}; "
                 f"delivered up to {self.position(stream)}"
             ) from None
         pos = self.position(stream)
         assert pos is not None
         return pos
+
+    async def _resolve_commit(self, commit: CommitToken) -> Position:
+        """The position of the first tick covering ``commit``: wait (the caller
+        bounds it) until a tick does, refusing a token from the future. No
+        query when the newest tick this reader knows covers it already."""
+        while True:
+            head = self._head
+            if head is not None and commit.covered_by(head.snapshot):
+                # The first covering tick among those this reader knows (ticks
+                # come in contiguous runs). An older covering tick may exist;
+                # waiting for a later one is stricter, never wrong.
+                first = head.id
+                while first - 1 in self._ticks.ticks and head.id - first < 255:
+                    first -= 1
+                found = first_covering(self._ticks.run(first, head.id) or [head], commit)
+                assert found is not None
+                return Position(found.id)
+            tick_id = await self._retrying(lambda conn: store.resolve_token(conn, str(commit)), "resolving a token")
+            if tick_id is not None:
+                return Position(tick_id)
+            # The ticker has yet to take the covering tick; its NOTIFY wakes us.
+            seen = head.id if head is not None else -1
+
+            def newer(seen: int = seen) -> bool:
+                return self._head is not None and self._head.id > seen
+
+            await self._head_changed.wait_until(newer)
+
+    async def _resolve_spec(self, spec: Since | CommitToken) -> Since:
+        """``"now"`` and commit tokens as positions; other specs unchanged."""
+        if spec == "now":
+            return await self._now()
+        commit = spec if isinstance(spec, CommitToken) else CommitToken.parse(spec) if isinstance(spec, str) else None
+        if commit is not None:
+            return await self._resolve_commit(commit)
+        assert not isinstance(spec, CommitToken)
+        return spec
+
+    async def _now(self) -> Position:
+        """A position covering every transaction committed before this call."""
+        token = await self._retrying(store.snapshot_token, "reading the current snapshot")
+        return await self._resolve_commit(token)
+
+    async def _retrying(self, query: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], doing: str) -> T:
+        """Run ``query`` on a pooled connection, retrying with backoff on a lost
+        connection until the caller's timeout; other errors become PgfeedError."""
+        assert self._pool is not None
+        backoff = Backoff()
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    return await query(conn)
+            except (psycopg.OperationalError, OSError) as exc:
+                delay = backoff.next_delay()
+                log.info("query failed; retrying", doing=doing, error=_one_line(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            except psycopg.Error as exc:
+                raise translate(exc, doing) from None
+            except _Interrupted as exc:
+                raise PgfeedError(f"{doing} failed: {exc}") from None
 
     # -- internals: positions -------------------------------------------
     async def _load_position(self, consumer: str, stream: str) -> str | None:
@@ -748,23 +859,60 @@ class AsyncReader:
     def _stream_names(self) -> list[str]:
         return sorted({s.stream for s in self._subscriptions})
 
+    async def _run_ticker(self, ticker: Ticker) -> None:
+        """The embedded ticker: campaigns beside any daemon; steps aside for good
+        when this role or server may not tick (a daemon or another reader does)."""
+        try:
+            await ticker.run()
+        except TickerUnavailable as exc:
+            log.info("this reader will not tick; it follows the ticks of a daemon or another reader", reason=str(exc))
+        except PgfeedError as exc:
+            log.error("embedded ticker stopped", error=str(exc))
+
     async def _tick_now(self, extra: list[str]) -> tuple[Tick, dict[str, store.StreamMeta]]:
-        """Take (or share) a tick. Subscriptions standing exactly at the
-        current head get the next interval's rows in the same round trip."""
+        """Learn the newest tick (read-only). Subscriptions standing exactly at
+        the reader's head get the next interval's rows in the same round trip."""
         assert self._pool is not None
         names = sorted({*self._stream_names(), *extra})
-        head = self._head.id if self._head is not None else -1
-        caught_up = {s.stream for s in self._subscriptions if s._fetch == Position(head)}
-        after = [head if name in caught_up else -1 for name in names]
+        known = self._head.id if self._head is not None else None
+        caught_up = {s.stream for s in self._subscriptions if known is not None and s._fetch == Position(known)}
+        after = [known if known is not None and name in caught_up else -1 for name in names]
         try:
             async with self._pool.connection() as conn:
-                tick, metas, rows = await store.tick_and_read(conn, names, after, self.batch_size)
+                live = await store.read_live(conn, known, names, after, self.batch_size)
         except psycopg.Error as exc:
-            raise translate(exc, "taking a tick") from None
-        if tick.id == head + 1:
-            self._prefetched = {(name, head): found for name, found in rows.items()}
-        self._publish(tick, metas)
-        return tick, metas
+            raise translate(exc, "reading the newest tick") from None
+        head = live.head
+        if head is None:
+            raise PgfeedError("pgfeed.ticks is empty: run `pgfeed migrate` (it takes the first tick)")
+        self._check_history(live.ticks, head)
+        if known is not None and head.id == known + 1:
+            self._prefetched = {(name, known): found for name, found in live.prefetched.items()}
+        self._ticks.add(live.ticks)
+        self._publish(head, live.metas)
+        return head, live.metas
+
+    def _check_history(self, ticks: list[Tick], head: Tick) -> None:
+        """Ticks are immutable: one we saw with another snapshot, or a head
+        behind ours, means the database is not the one we were reading (a
+        lagging standby promoted, a restore). Never skip: reset loudly."""
+        reason = None
+        if self._head is not None and head.id < self._head.id:
+            reason = f"the newest tick went back from {self._head.id} to {head.id}"
+        for t in ticks:
+            seen = self._ticks.ticks.get(t.id)
+            if seen is not None and seen.snapshot != t.snapshot:
+                reason = f"tick {t.id} now has another snapshot"
+                break
+        if reason is None:
+            return
+        reason = f"the database's history changed ({reason}): failover to a standby that lagged, or a restore"
+        log.error("history changed; every subscription resets", reason=reason)
+        self._ticks = _TickCache()
+        self._prefetched = {}
+        self._head = None
+        for sub in self._subscriptions:
+            sub._history_changed(reason)
 
     def _publish(self, tick: Tick, metas: dict[str, store.StreamMeta]) -> None:
         self._ticks.add([tick])
@@ -774,25 +922,22 @@ class AsyncReader:
             for name in self._stream_names():
                 if name not in metas:
                     self._metas.pop(name, None)
-            self._channels = {f"pgfeed_v1_{m.id}" for n, m in self._metas.items() if n in self._stream_names()}
-            if self._channels - self._listening:
-                self._listen_changed.set()
         self._head_changed.fire()
 
-    async def _tick_loop(self) -> None:
+    async def _refresh_loop(self) -> None:
         backoff = Backoff()
         while self._open:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that races with the event, and close() would hang.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval):
+                async with asyncio.timeout(self.poll_interval if self._listening else min(self.poll_interval, 0.2)):
                     await self._wake.wait()
             self._wake.clear()
             if not self._subscriptions:
                 continue
             if self._reads:
                 # Let reads in flight finish first, so the subscriptions stand at
-                # the head and this tick can carry their next rows (tick_read_v1).
+                # the head and this refresh can carry their next rows.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(LIVE_READ_GRACE):
                         await self._reads_done.wait_until(lambda: self._reads == 0)
@@ -801,7 +946,7 @@ class AsyncReader:
                 backoff.reset()
             except PgfeedError as exc:
                 delay = backoff.next_delay()
-                log.warning("tick failed; retrying", error=str(exc), retry_in=round(delay, 3))
+                log.warning("reading the newest tick failed; retrying", error=str(exc), retry_in=round(delay, 3))
                 await asyncio.sleep(delay)
                 self._wake.set()
 
@@ -876,23 +1021,18 @@ class AsyncReader:
                 return planned
 
     # -- internals: listener ---------------------------------------------
-    def _listener_dirty(self) -> None:
-        self._listen_changed.set()
-
-    async def _listener_ready(self, stream_id: int) -> None:
-        """Wait (bounded) until the listener LISTENs on the stream's channel."""
-        channel = f"pgfeed_v1_{stream_id}"
-        self._channels.add(channel)
-        self._listen_changed.set()
-        deadline = asyncio.get_running_loop().time() + self.probe_timeout
-        while channel not in self._listening and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.005)
-        if channel not in self._listening:
-            log.warning("listener not ready; relying on polling until it is", channel=channel)
+    async def _listener_ready(self) -> None:
+        """Wait (bounded) until the listener LISTENs on the ticks channel, so
+        that a catch-up starts after notifications are live."""
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                await self._listener_up.wait()
+        except TimeoutError:
+            log.warning("listener not ready; relying on polling until it is")
 
     async def _listen(self) -> None:
         backoff = Backoff()
-        probe = f"pgfeed_v1_probe_{os.getpid()}_{id(self)}"
+        probe = f"pgfeed_v2_probe_{os.getpid()}_{id(self)}"
         while self._open:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=10)
@@ -903,39 +1043,37 @@ class AsyncReader:
                 continue
             try:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(TICKS_CHANNEL)))
                 log.info("listener connected")
-                await self._follow(conn, probe, backoff)
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                self._listening = set()
-                delay = backoff.next_delay()
-                log.warning("listener lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))
-                await asyncio.sleep(delay)
-            finally:
-                self._listening = set()
-                await conn.close()
-
-    async def _follow(self, conn: psycopg.AsyncConnection[Any], probe: str, backoff: Backoff) -> None:
-        loop = asyncio.get_running_loop()
-        next_probe = loop.time() + self.probe_interval
-        first = True
-        while self._open:
-            wanted = set(self._channels)
-            if wanted != self._listening or first:
-                self._listen_changed.clear()
-                for ch in sorted(wanted - self._listening):
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
-                for ch in sorted(self._listening - wanted):
-                    await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(ch)))
-                self._listening = wanted
+                self._listening = True
+                self._listener_up.set()
                 # LISTEN is live: now catch up (a notification is only a hint).
                 self._wake.set()
-                first = False
                 backoff.reset()
-            async for note in conn.notifies(timeout=0.25):
-                if note.channel != probe:
-                    self._wake.set()
-                if self._listen_changed.is_set():
-                    break
+                await self._follow(conn, probe)
+            except psycopg.errors.FeatureNotSupported as exc:
+                # A hot standby refuses LISTEN: follow by polling instead.
+                self._listener_up.set()
+                log.info("LISTEN refused (a hot standby?); following by polling", error=_one_line(exc))
+                await asyncio.sleep(60)  # then try again: the standby may have been promoted
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log.warning("listener lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))
+                self._listening = False
+                await asyncio.sleep(delay)
+            finally:
+                self._listening = False
+                await conn.close()
+
+    async def _follow(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self.probe_interval
+        while self._open:
+            async for note in conn.notifies(timeout=max(0.01, next_probe - loop.time())):
+                if note.channel == TICKS_CHANNEL:
+                    head = self._head.id if self._head is not None else -1
+                    if not note.payload.isdigit() or int(note.payload) > head:
+                        self._wake.set()
             if loop.time() >= next_probe:
                 await self._probe(conn, probe)
                 next_probe = loop.time() + self.probe_interval
@@ -976,6 +1114,10 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     if isinstance(result, Awaitable):
         return await result
     return result
+
+
+def _reached(pos: Position | None, target: Position) -> bool:
+    return pos is not None and pos >= target
 
 
 def _one_line(exc: BaseException) -> str:

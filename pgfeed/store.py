@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 import psycopg
 
 from pgfeed.core.positions import Snapshot, Tick
+from pgfeed.core.tokens import CommitToken
+from pgfeed.errors import FutureToken
 
 
 class StoredRow(NamedTuple):
@@ -30,6 +32,7 @@ class StreamMeta:
     id: int
     created_tick: int
     floor_tick: int = 0
+    notify_mode: str = "ticker"
 
     @property
     def first_tick(self) -> int:
@@ -67,32 +70,56 @@ SELECT r.*, f.floor_tick
 """  # noqa: S608  # a constant column list, no user input
 
 
-_TICK_READ = "SELECT * FROM pgfeed.tick_read_v1(%s::text[], %s::bigint[], %s::integer)"
+_READ_LIVE = "SELECT * FROM pgfeed.read_live_v2(%s, %s::text[], %s::bigint[], %s::integer)"
 
 #: Rows of the interval ending at the new tick, per stream: (rows, floor tick).
 Prefetched = dict[str, tuple[list[StoredRow], int]]
 
+#: ``known`` for a reader that has no head yet: no tick list, just the head.
+NO_TICKS = 2**62
 
-async def tick_and_read(
-    conn: AConn, streams: Sequence[str], after_ticks: Sequence[int], limit: int
-) -> tuple[Tick, dict[str, StreamMeta], Prefetched]:
-    """Take (or share) a tick covering every commit so far; read the current
-    incarnation of ``streams``; and, for each stream whose ``after`` is the
-    tick just before the new one, the rows of ``(after, tick]`` (at most
-    ``limit + 1``) with the stream's floor."""
-    cur = await conn.execute(_TICK_READ, (list(streams), list(after_ticks), limit), binary=True)
+
+@dataclass(frozen=True)
+class Live:
+    """What a woken reader learns in one read-only round trip."""
+
+    ticks: list[Tick]  # from the reader's known head on (inclusive), ascending
+    head: Tick | None  # the newest tick (None: no tick yet)
+    metas: dict[str, StreamMeta]
+    prefetched: Prefetched
+
+
+async def read_live(
+    conn: AConn, known: int | None, streams: Sequence[str], after_ticks: Sequence[int], limit: int
+) -> Live:
+    """Ticks from ``known`` on, the newest tick and the current incarnation of
+    ``streams``; for each stream whose ``after`` is the tick just before the
+    newest one (when that is ``known + 1``), the rows of that interval (at most
+    ``limit + 1``) with the stream's floor. Reads only."""
+    cur = await conn.execute(
+        _READ_LIVE, (NO_TICKS if known is None else known, list(streams), list(after_ticks), limit), binary=True
+    )
     found = await cur.fetchall()
-    head = found[0]
-    tick = Tick(int(head[0]), Snapshot.parse(head[1]))
-    metas = {name: StreamMeta(int(v[0]), int(v[1]), int(v[2])) for name, v in json.loads(head[2]).items()}
+    ticks: list[Tick] = []
+    head: Tick | None = None
+    metas: dict[str, StreamMeta] = {}
     prefetched: Prefetched = {}
-    for _, _, _, name, x, s, c, k, p, floor in found[1:]:
-        rows, _ = prefetched.setdefault(name, ([], int(floor)))
-        if x is not None:
-            rows.append(StoredRow(x, s, c, k, p))
+    for tick_id, snap, meta_json, name, x, s, c, k, p, floor in found:
+        if name is not None:
+            rows, _ = prefetched.setdefault(name, ([], int(floor)))
+            if x is not None:
+                rows.append(StoredRow(x, s, c, k, p))
+        elif meta_json is not None:
+            if tick_id is not None:
+                head = Tick(int(tick_id), Snapshot.parse(snap))
+            metas = {
+                n: StreamMeta(int(v[0]), int(v[1]), int(v[2]), str(v[3])) for n, v in json.loads(meta_json).items()
+            }
+        else:
+            ticks.append(Tick(int(tick_id), Snapshot.parse(snap)))
     for rows, _ in prefetched.values():
         rows.sort()  # two ordered parts, as in fetch_rows
-    return tick, metas, prefetched
+    return Live(ticks, head, metas, prefetched)
 
 
 async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:
@@ -121,6 +148,28 @@ async def head_tick_id(conn: AConn) -> int:
     cur = await conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks")
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def resolve_token(conn: AConn, token: str) -> int | None:
+    """The newest tick's id if it covers commit token ``token`` (see
+    ``pgfeed.resolve_token_v2``), else None; FutureToken for a token from the future."""
+    try:
+        cur = await conn.execute("SELECT pgfeed.resolve_token_v2(%s)", (token,))
+        row = await cur.fetchone()
+    except (psycopg.errors.InvalidParameterValue, psycopg.errors.RaiseException) as exc:
+        if "in the future" in str(exc) or "beyond anything" in str(exc):
+            raise FutureToken(f"commit token {token} names a transaction this database has not started") from None
+        raise
+    return None if row is None or row[0] is None else int(row[0])
+
+
+async def snapshot_token(conn: AConn) -> CommitToken:
+    """A commit token covering every transaction that has ended so far."""
+    cur = await conn.execute("SELECT 's' || pg_current_snapshot()::text")
+    row = await cur.fetchone()
+    token = CommitToken.parse(str(row[0])) if row else None
+    assert token is not None
+    return token
 
 
 async def fetch_ticks(conn: AConn, first: int, last: int) -> list[Tick]:

@@ -9,6 +9,7 @@ outbox).
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Awaitable, Sequence
 from typing import Any, overload
 
@@ -16,13 +17,20 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from pgfeed.core.names import check_stream_name
-from pgfeed.core.positions import Position
-from pgfeed.errors import PayloadError, PgfeedError, UsageError, translate
+from pgfeed.core.tokens import CommitToken
+from pgfeed.errors import CommitTokenUnavailable, PayloadError, PermissionDenied, PgfeedError, UsageError, translate
 
 #: The built-in stream that :func:`invalidate` appends to.
 CACHES_STREAM = "caches"
 
 _Query = tuple[str, tuple[Any, ...], str]
+
+#: The transaction id of the last pgfeed write on each connection, so that
+#: commit_token() needs no query (it then cannot fail after a COMMIT).
+_last_xid: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+#: Appended to each write: the writer's transaction, in the same round trip.
+_WITH_XID = ", pg_current_xact_id()::text::bigint"
 
 
 def encode_payload(payload: Any) -> str:
@@ -48,7 +56,7 @@ def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
     check_stream_name(stream)
     _check_key(key)
     return (
-        "SELECT pgfeed.append_v1(%s, %s::jsonb, %s)",
+        "SELECT pgfeed.append_v2(%s, %s::jsonb, %s)" + _WITH_XID,
         (stream, encode_payload(payload), key),
         f"appending to {stream!r}",
     )
@@ -64,7 +72,7 @@ def _append_many_query(stream: str, payloads: Sequence[Any], keys: Sequence[str 
         for k in keys:
             _check_key(k)
     return (
-        "SELECT pgfeed.append_many_v1(%s, %s::text[]::jsonb[], %s::text[])",
+        "SELECT pgfeed.append_many_v2(%s, %s::text[]::jsonb[], %s::text[])" + _WITH_XID,
         (stream, [encode_payload(p) for p in payloads], list(keys) if keys is not None else None),
         f"appending to {stream!r}",
     )
@@ -76,7 +84,7 @@ def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
     if isinstance(keys, str):
         raise UsageError("keys must be a sequence of strings (or None for the whole cache), not a single string")
     return (
-        "SELECT pgfeed.invalidate_v1(%s, %s::text[])",
+        "SELECT pgfeed.invalidate_v2(%s, %s::text[])" + _WITH_XID,
         (cache_name, [str(k) for k in keys] if keys is not None else None),
         f"invalidating cache {cache_name!r}",
     )
@@ -85,6 +93,11 @@ def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
 def _translate(exc: psycopg.Error, doing: str) -> PgfeedError:
     # JSON the server cannot store (a \u0000 escape, a character the database
     # encoding lacks) is the payload's fault, not a server failure.
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "row-level security" in str(exc):
+        return PermissionDenied(
+            f"permission denied while {doing}: this role has no writer grant for that stream "
+            "(pgfeed grant writer ROLE --stream NAME)"
+        )
     if isinstance(exc, psycopg.errors.UntranslatableCharacter | psycopg.errors.CharacterNotInRepertoire):
         return PayloadError(f"{doing} failed: the server cannot store this payload: {exc.diag.message_primary}")
     return translate(exc, doing)
@@ -101,7 +114,14 @@ def _run(conn: Any, query: _Query) -> Any:
         row = conn.cursor(row_factory=tuple_row).execute(text, params).fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
-    return row[0] if row else None
+    return _result(conn, row)
+
+
+def _result(conn: Any, row: Any) -> Any:
+    if not row:
+        return None
+    _last_xid[conn] = int(row[1])
+    return row[0]
 
 
 async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tuple[Any, ...], doing: str) -> Any:
@@ -110,7 +130,7 @@ async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tupl
         row = await cur.fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
-    return row[0] if row else None
+    return _result(conn, row)
 
 
 @overload
@@ -161,41 +181,66 @@ def invalidate(conn: Any, cache_name: str, keys: Sequence[str] | None) -> Any:
 
 def _check_idle(conn: Any) -> None:
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise PgfeedError("commit_token() must be called after COMMIT, outside any transaction")
+        raise UsageError("commit_token() must be called after COMMIT, outside any transaction")
 
 
-_COMMIT_TOKEN_QUERY = "SELECT id FROM pgfeed.tick_v1()"  # noqa: S105  # a query, not a password
+_COMMIT_TOKEN_QUERY = "SELECT pgfeed.commit_token_v2()"  # noqa: S105  # a query, not a password
 
 
 @overload
-def commit_token(conn: psycopg.AsyncConnection[Any]) -> Awaitable[Position]: ...
+def commit_token(conn: psycopg.AsyncConnection[Any]) -> Awaitable[CommitToken]: ...
 @overload
-def commit_token(conn: psycopg.Connection[Any]) -> Position: ...
+def commit_token(conn: psycopg.Connection[Any]) -> CommitToken: ...
 def commit_token(conn: Any) -> Any:
-    """A position covering every transaction committed so far, this
-    connection's included. Call it right after COMMIT and hand it to
-    ``Reader.wait_for`` in any process for read-your-writes."""
+    """A read-your-writes token for what this connection committed; call it
+    right after COMMIT and hand ``str(token)`` to ``Reader.wait_for`` in any
+    process. It writes nothing and waits for nothing.
+
+    After :func:`append`, :func:`append_many` or :func:`invalidate` it names
+    the transaction they ran in (``x<xid>``), with no query at all, so it
+    cannot fail once your COMMIT succeeded. Otherwise (writes made in plain
+    SQL) it asks the server for a snapshot token (``s...``) covering every
+    transaction committed so far; if that fails, it raises
+    :class:`~pgfeed.errors.CommitTokenUnavailable`, whose message says that
+    the write itself is committed. From plain SQL in any driver, call
+    ``SELECT pgfeed.commit_token()`` inside the writing transaction instead.
+    """
+    if not isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
+        raise UsageError(f"expected a psycopg Connection or AsyncConnection, got {type(conn).__name__}")
     _check_idle(conn)
+    xid = _last_xid.pop(conn, None)
     if isinstance(conn, psycopg.AsyncConnection):
-        return _commit_token_async(conn)
+        return _commit_token_async(conn, xid)
+    if xid is not None:
+        return CommitToken(xid=xid)
     try:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            conn.execute("SET LOCAL synchronous_commit = on")
-            row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
+        row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
     except psycopg.Error as exc:
-        raise translate(exc, "taking a commit token") from None
-    return Position(int(row[0]))
+        raise _token_unavailable(exc) from None
+    return _parse_token(row)
 
 
-async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> Position:
+async def _commit_token_async(conn: psycopg.AsyncConnection[Any], xid: int | None) -> CommitToken:
+    if xid is not None:
+        return CommitToken(xid=xid)
     try:
-        async with conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            await conn.execute("SET LOCAL synchronous_commit = on")
-            cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
-            row = await cur.fetchone()
+        cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
+        row = await cur.fetchone()
     except psycopg.Error as exc:
-        raise translate(exc, "taking a commit token") from None
-    assert row is not None
-    return Position(int(row[0]))
+        raise _token_unavailable(exc) from None
+    return _parse_token(row)
+
+
+def _token_unavailable(exc: psycopg.Error) -> PgfeedError:
+    reason = translate(exc, "taking a commit token")
+    return CommitTokenUnavailable(
+        f"your transaction is committed, but no commit token could be had: {reason} "
+        "(wait_for cannot tell when readers see it; retry commit_token on a fresh connection)"
+    )
+
+
+def _parse_token(row: Any) -> CommitToken:
+    token = CommitToken.parse(str(row[0])) if row else None
+    if token is None:
+        raise PgfeedError(f"the server returned an unexpected commit token {row!r}")
+    return token

@@ -559,46 +559,47 @@ def notifications(listener: Conn, writer: Conn, streams: list[int]) -> list[tupl
 
 
 def listen(listener: Conn, *stream_ids: int) -> None:
+    """LISTEN on every channel a writer could notify: the previous release's
+    per-stream channels and the ticker's wake-up channel."""
     for sid in stream_ids:
         listener.execute(f"LISTEN pgfeed_v1_{sid}")
+    listener.execute("LISTEN pgfeed_v2_wake")
 
 
-def test_one_notification_per_stream_per_transaction(listener: Conn, pgfeed_conn: Conn, orders: int) -> None:
+WAKE = ("pgfeed_v2_wake", "")
+
+
+def test_default_streams_never_notify_from_the_writer(listener: Conn, pgfeed_conn: Conn, orders: int) -> None:
     listen(listener, orders)
     with pgfeed_conn.transaction():
         for i in range(100):
             pgfeed.append(pgfeed_conn, "orders", {"secret": i})
-    assert notifications(listener, pgfeed_conn, [orders]) == [(f"pgfeed_v1_{orders}", "")]
-
-    with pgfeed_conn.transaction():
-        pgfeed_conn.execute("SELECT pgfeed.append('orders', to_jsonb(g)) FROM generate_series(1, 100) g")
-        pgfeed.append_many(pgfeed_conn, "orders", list(range(100)))
-    assert notifications(listener, pgfeed_conn, [orders]) == [(f"pgfeed_v1_{orders}", "")]
+        pgfeed.append_many(pgfeed_conn, "orders", list(range(10)))
+    pgfeed.append(pgfeed_conn, "orders", 1)
+    assert notifications(listener, pgfeed_conn, [orders]) == []
 
 
-def test_one_notification_for_each_stream_written(listener: Conn, pgfeed_conn: Conn, orders: int) -> None:
-    other = admin.create_stream(pgfeed_conn, "other")
-    idle = admin.create_stream(pgfeed_conn, "idle")
-    listen(listener, orders, other, idle)
+def test_immediate_streams_wake_the_ticker_once_per_transaction(listener: Conn, pgfeed_conn: Conn) -> None:
+    hot = admin.create_stream(pgfeed_conn, "hot", notify_mode="immediate")
+    hot2 = admin.create_stream(pgfeed_conn, "hot2", notify_mode="immediate")
+    listen(listener, hot, hot2)
     with pgfeed_conn.transaction():
         for i in range(50):
-            pgfeed.append(pgfeed_conn, "orders", i)
-            pgfeed.append(pgfeed_conn, "other", i)
-    got = notifications(listener, pgfeed_conn, [orders, other, idle])
-    assert sorted(got) == sorted([(f"pgfeed_v1_{orders}", ""), (f"pgfeed_v1_{other}", "")])
-
-
-def test_separate_transactions_notify_separately(listener: Conn, pgfeed_conn: Conn, orders: int) -> None:
-    listen(listener, orders)
+            pgfeed.append(pgfeed_conn, "hot", {"secret": i})
+            pgfeed.append(pgfeed_conn, "hot2", i)
+        pgfeed_conn.execute("SELECT pgfeed.append('hot', to_jsonb(g)) FROM generate_series(1, 10) g")
+        pgfeed.append_many(pgfeed_conn, "hot", list(range(10)))
+    assert notifications(listener, pgfeed_conn, [hot, hot2]) == [WAKE]
     for i in range(3):
-        pgfeed.append(pgfeed_conn, "orders", i)
-    assert notifications(listener, pgfeed_conn, [orders]) == [(f"pgfeed_v1_{orders}", "")] * 3
+        pgfeed.append(pgfeed_conn, "hot", i)
+    assert notifications(listener, pgfeed_conn, [hot]) == [WAKE] * 3
 
 
-def test_rolled_back_appends_do_not_notify(listener: Conn, pgfeed_conn: Conn, orders: int) -> None:
+def test_rolled_back_appends_do_not_notify(listener: Conn, pgfeed_conn: Conn) -> None:
+    orders = admin.create_stream(pgfeed_conn, "loud", notify_mode="immediate")
     listen(listener, orders)
     with suppress(CallerFailed), pgfeed_conn.transaction():
-        pgfeed.append(pgfeed_conn, "orders", 1)
+        pgfeed.append(pgfeed_conn, "loud", 1)
         raise CallerFailed
     assert notifications(listener, pgfeed_conn, [orders]) == []
 
@@ -614,13 +615,14 @@ def test_poll_streams_do_not_notify(listener: Conn, pgfeed_conn: Conn) -> None:
     assert payloads(pgfeed_conn, "quiet") == [1, 2, 3, 4]
 
 
-def test_invalidate_notifies_on_the_caches_channel(listener: Conn, pgfeed_conn: Conn) -> None:
+def test_invalidate_does_not_notify(listener: Conn, pgfeed_conn: Conn) -> None:
     caches = admin.stream_id(pgfeed_conn, "caches")
     listen(listener, caches)
     with pgfeed_conn.transaction():
         pgfeed.invalidate(pgfeed_conn, "c", ["secret-key"])
         pgfeed.invalidate(pgfeed_conn, "c", None)
-    assert notifications(listener, pgfeed_conn, [caches]) == [(f"pgfeed_v1_{caches}", "")]
+    assert notifications(listener, pgfeed_conn, [caches]) == []
+
 
 
 # -- the caller's connection settings --------------------------------------------
@@ -633,7 +635,7 @@ def test_any_row_factory(pgfeed_dsn: str, pgfeed_conn: Conn, orders: int) -> Non
         assert pgfeed.append_many(conn, "orders", [2, 3]) == 2
         assert isinstance(pgfeed.invalidate(conn, "c", None), int)
         conn.commit()
-        assert isinstance(pgfeed.commit_token(conn), pgfeed.Position)
+        assert isinstance(pgfeed.commit_token(conn), pgfeed.CommitToken)
         assert admin.stream_id(conn, "orders") == orders
         assert {s.name for s in admin.list_streams(conn)} == {"caches", "orders"}
     assert payloads(pgfeed_conn) == [1, 2, 3]
@@ -645,5 +647,5 @@ async def test_any_row_factory_async(pgfeed_dsn: str, pgfeed_conn: Conn, orders:
         assert await pgfeed.append_many(conn, "orders", [2]) == 1
         assert isinstance(await pgfeed.invalidate(conn, "c", ["k"]), int)
         await conn.commit()
-        assert isinstance(await pgfeed.commit_token(conn), pgfeed.Position)
+        assert isinstance(await pgfeed.commit_token(conn), pgfeed.CommitToken)
     assert payloads(pgfeed_conn) == [1, 2]

@@ -105,14 +105,14 @@ def test_writer_appends_to_granted_streams_only(
         w.execute("SELECT pgfeed.append_many('orders', ARRAY['{\"via\": \"sql-many\"}'::jsonb])")
         pgfeed.append(w, "orders", {"via": "python"}, key="k1")
         pgfeed.append_many(w, "orders", [{"via": "python-many"}])
-    assert pgfeed.commit_token(w).tick >= 1
+    assert pgfeed.commit_token(w).xid is not None  # names the transaction: no tick, no query
     rows = pgfeed_conn.execute(
         "SELECT payload ->> 'via', key FROM pgfeed.events WHERE stream_id = %s ORDER BY seq", (streams["orders"],)
     ).fetchall()
     assert rows == [("sql", None), ("sql-many", None), ("python", "k1"), ("python-many", None)]
 
     message = denied(w, "SELECT pgfeed.append('other', '{}'::jsonb)")
-    assert f"events_{streams['other']}" in message
+    assert "row-level security policy" in message  # the events_append policy: no writer grant for 'other'
     denied(w, "SELECT pgfeed.append_many_v1('other', ARRAY['{}'::jsonb])")
     with pytest.raises(PermissionDenied, match="permission denied while appending to 'other'"):
         pgfeed.append(w, "other", {"x": 1})
@@ -156,7 +156,9 @@ def test_writer_cannot_read_create_alter_or_drop(
     # Only key and payload are writable: a row's xid and seq are the feed's order.
     denied(w, "INSERT INTO {part} (key, payload, xid) VALUES (NULL, '{{}}', '1'::xid8)", part=sid)
     denied(w, "INSERT INTO {part} (key, payload, seq) VALUES (NULL, '{{}}', 1)", part=sid)
-    denied(w, "INSERT INTO pgfeed.events (stream_id, payload) VALUES (%s, '{}')", (streams["orders"],))
+    # Through the parent (as append_v2 does) only the writer's columns, never a forged xid or seq.
+    denied(w, "INSERT INTO pgfeed.events (stream_id, payload, xid) VALUES (%s, '{}', '1'::xid8)", (streams["orders"],))
+    denied(w, "INSERT INTO pgfeed.events (stream_id, payload, seq) VALUES (%s, '{}', 1)", (streams["orders"],))
     denied(w, "INSERT INTO pgfeed.ticks VALUES (999999, pg_current_snapshot(), now())")
     denied(w, "SELECT pgfeed.create_stream_v1('sneaky')")
     denied(w, "SELECT * FROM pgfeed._take_tick_v1()")
@@ -209,7 +211,7 @@ def test_captured_table_needs_no_pgfeed_privileges_to_write(
 
 
 # -- readers ---------------------------------------------------------------------
-def test_reader_reads_and_ticks_but_cannot_write_or_change_anything(
+def test_reader_reads_but_cannot_write_tick_or_change_anything(
     pgfeed_dsn: str, pgfeed_conn: Conn, streams: dict[str, int], make_role: Callable[[], str], connect_as: Any
 ) -> None:
     with pgfeed_conn.transaction():
@@ -221,9 +223,12 @@ def test_reader_reads_and_ticks_but_cannot_write_or_change_anything(
     assert r.execute("SELECT payload FROM pgfeed.events").fetchall() == [({"n": 1},)]
     assert r.execute("SELECT count(*) FROM pgfeed.ticks").fetchone()[0] >= 1  # type: ignore[index]
     assert {n for (n,) in r.execute("SELECT name FROM pgfeed.streams")} == {"caches", "orders", "other"}
-    tick = r.execute("SELECT id FROM pgfeed.tick_v1()").fetchone()
-    assert tick is not None
-    assert tick[0] >= 1
+    live = r.execute("SELECT tick_id FROM pgfeed.read_live_v2(0, ARRAY['orders'], ARRAY[0::bigint], 10)").fetchall()
+    assert live
+    assert r.execute("SELECT pgfeed.resolve_token_v2('x1')").fetchone() is not None
+    denied(r, "SELECT id FROM pgfeed.tick_v1()")
+    denied(r, "SELECT id FROM pgfeed.tick_v2(1)")
+    denied(r, "SELECT * FROM pgfeed.ticker_claim_v2('me', 'reader', 1000)")
 
     sid = streams["orders"]
     denied(r, "SELECT pgfeed.append('orders', '{}'::jsonb)")
@@ -329,15 +334,16 @@ def test_no_notify_payload_carries_row_data(
 ) -> None:
     """Any role may LISTEN on any channel, even one without pgfeed privileges."""
     outsider = connect_as(make_role())
-    channel = f"pgfeed_v1_{streams['orders']}"
+    admin.create_stream(pgfeed_conn, "loud", notify_mode="immediate")
+    channel = "pgfeed_v2_wake"
     outsider.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
     pgfeed_conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
-    admin.capture(pgfeed_conn, "public", "people", "orders")
+    admin.capture(pgfeed_conn, "public", "people", "loud")
     with pgfeed_conn.transaction():
-        pgfeed.append(pgfeed_conn, "orders", {"secret": SECRET}, key=SECRET)
-        pgfeed.append(pgfeed_conn, "orders", {"again": SECRET})
+        pgfeed.append(pgfeed_conn, "loud", {"secret": SECRET}, key=SECRET)
+        pgfeed.append(pgfeed_conn, "loud", {"again": SECRET})
     with pgfeed_conn.transaction():
-        pgfeed.append_many(pgfeed_conn, "orders", [{"s": SECRET}], [SECRET])
+        pgfeed.append_many(pgfeed_conn, "loud", [{"s": SECRET}], [SECRET])
     with pgfeed_conn.transaction():
         pgfeed_conn.execute("INSERT INTO public.people VALUES (1, %s)", (SECRET,))
     notes = list(outsider.notifies(timeout=10, stop_after=3))

@@ -167,3 +167,13 @@ def assert_positions_increase(rows: list[dict[str, Any]]) -> None:
     positions = [pgfeed.Position.parse(r["position"]) for r in rows]
     assert positions == sorted(positions)
     assert len(set(positions)) == len(positions)
+
+
+def take_tick(conn: psycopg.Connection[Any]) -> pgfeed.Position:
+    """Force a tick now, as the ticker would (tests place ticks between and
+    around commits with it); returns its position."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        row = conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL)").fetchone()
+    assert row is not None
+    return pgfeed.Position(int(row[0]))

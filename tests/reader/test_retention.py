@@ -16,6 +16,8 @@ from pgfeed.errors import UsageError
 from pgfeed.reader import PRUNED
 from pgfeed.retention import prune
 
+from .conftest import take_tick
+
 
 def _age_everything(conn: psycopg.Connection[Any]) -> None:
     conn.execute("UPDATE pgfeed.ticks SET taken_at = taken_at - interval '2 days'")
@@ -26,10 +28,10 @@ def test_prune_deletes_old_rows_and_ticks_and_raises_the_floor(
 ) -> None:
     for i in range(5):
         pgfeed.append(pgfeed_conn, stream, {"id": i})
-    old = pgfeed.commit_token(pgfeed_conn)
+    old = take_tick(pgfeed_conn)
     _age_everything(pgfeed_conn)
     pgfeed.append(pgfeed_conn, stream, {"id": "kept"})
-    pgfeed.commit_token(pgfeed_conn)
+    take_tick(pgfeed_conn)
     result = prune(pgfeed_conn, 86400)
     assert result.floor_tick == old.tick
     assert result.events_deleted == 5
@@ -45,12 +47,12 @@ async def test_a_reader_older_than_the_floor_resets_then_reads_what_is_kept(
     pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
 ) -> None:
     pgfeed.append(pgfeed_conn, stream, {"id": "old"})
-    start = str(pgfeed.commit_token(pgfeed_conn))
+    start = str(take_tick(pgfeed_conn))
     pgfeed.append(pgfeed_conn, stream, {"id": "lost"})
-    pgfeed.commit_token(pgfeed_conn)
+    take_tick(pgfeed_conn)
     _age_everything(pgfeed_conn)
     pgfeed.append(pgfeed_conn, stream, {"id": "kept"})
-    pgfeed.commit_token(pgfeed_conn)
+    take_tick(pgfeed_conn)
     prune(pgfeed_conn, 86400)
     resets: list[str] = []
     async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
@@ -67,7 +69,7 @@ async def test_a_running_reader_overtaken_by_a_prune_resets(
 ) -> None:
     for i in range(30):
         pgfeed.append(pgfeed_conn, stream, {"id": i})
-        pgfeed.commit_token(pgfeed_conn)  # many ticks
+        take_tick(pgfeed_conn)  # many ticks
     resets: list[str] = []
     async with pgfeed.AsyncReader(pgfeed_dsn, batch_size=5, queue_batches=1, tick_window=3) as reader:
         reader.on_reset(lambda s, reason: resets.append(reason))
@@ -76,7 +78,7 @@ async def test_a_running_reader_overtaken_by_a_prune_resets(
         assert [r.payload["id"] for r in first.rows][:1] == [0]
         _age_everything(pgfeed_conn)
         pgfeed.append(pgfeed_conn, stream, {"id": "kept"})
-        pgfeed.commit_token(pgfeed_conn)
+        take_tick(pgfeed_conn)
         prune(pgfeed_conn, 86400)
         seen: list[Any] = []
         while "kept" not in seen:
@@ -105,7 +107,7 @@ def test_prune_cli(pgfeed_dsn: str, stream: str) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
-        "pgfeed: error: invalid duration 'soon': expected a number and a unit s, m, h or d, e.g. 7d or 90m"
+        "pgfeed: error: invalid duration 'soon': expected a number and a unit ms, s, m, h or d, e.g. 7d, 90m or 50ms"
     )
 
 

@@ -16,6 +16,8 @@ import pytest
 
 import pgfeed
 
+from .conftest import take_tick
+
 PGFEED = [sys.executable, "-m", "pgfeed_cli"]
 
 
@@ -77,7 +79,7 @@ def test_follow_has_no_seam_between_catch_up_and_live(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_exit_zero_after_flushing(pgfeed_dsn: str, stream: str, sig: signal.Signals) -> None:
     with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
-        start = str(pgfeed.commit_token(conn))
+        start = str(take_tick(conn))
     proc = tail(pgfeed_dsn, stream, "--from", start)
     try:
         time.sleep(0.5)

@@ -1,0 +1,290 @@
+"""The ticker: one per database takes every tick.
+
+Every process that may tick (``pgfeed daemon``, and readers with
+``ticker="auto"`` when their role is allowed to) runs a :class:`Ticker`. They
+elect one leader through the lease row ``pgfeed.ticker``:
+
+* a claim succeeds only on an expired lease (or, for a daemon, over a reader),
+  and bumps the lease's *term*;
+* the leader renews (heartbeats) every ``lease / 3`` and ticks with
+  ``pgfeed.tick_v2(term)``, which checks the term under a row lock in the same
+  transaction as the tick insert: a deposed leader's tick is refused;
+* a leader that cannot renew in time (dead, stopped, half-open) is replaced
+  within ``lease`` plus one claim interval; a clean stop resigns at once.
+
+Why a lease row and not an advisory lock: session advisory locks leak
+through transaction-mode poolers (PgBouncer), vanish silently with a dropped
+connection while the old holder keeps working, and do not survive a failover
+at all; a lease row with server-side timestamps behaves the same through any
+pooler and is replicated with the ticks it fences. Correctness does not rest
+on the election anyway: ticks are serialised by the tick lock whoever takes
+them (see docs/design.md); the lease keeps their volume to one ticker's
+cadence.
+
+The leader asks for a tick every ``interval`` while rows keep arriving and
+backs off geometrically to ``idle_interval`` when nothing changed; a tick is
+only written when some row became visible, and carries one NOTIFY
+(``pgfeed_v2_ticks``, payload the tick id). Writers of ``immediate`` streams
+wake it at once (``pgfeed_v2_wake``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from pgfeed.connect import connect_error, with_keepalives
+from pgfeed.core.backoff import Backoff
+from pgfeed.errors import NotMigrated, PgfeedError, UsageError, translate
+from pgfeed.log import get_logger
+
+log = get_logger("pgfeed.ticker")
+
+TICKS_CHANNEL = "pgfeed_v2_ticks"
+WAKE_CHANNEL = "pgfeed_v2_wake"
+LEASE_CHANNEL = "pgfeed_v2_ticker"
+
+Kind = Literal["daemon", "reader"]
+
+
+class TickerUnavailable(PgfeedError):
+    """This role or server cannot tick (no ticker grant, read-only, or a standby)."""
+
+
+@dataclass
+class TickerStats:
+    """What a ticker did; read it for status and metrics."""
+
+    ticks: int = 0
+    checks: int = 0
+    leader_changes: int = 0
+    reconnects: int = 0
+    last_tick: int | None = None
+    last_tick_seconds: float = 0.0
+    tick_durations: list[float] = field(default_factory=list)
+
+
+class Ticker:
+    """A ticker candidate; :meth:`run` until cancelled, then :meth:`close`."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        kind: Kind = "daemon",
+        holder: str | None = None,
+        lease: float = 10.0,
+        interval: float = 0.001,
+        idle_interval: float = 0.05,
+        on_tick: Callable[[int], Any] | None = None,
+    ) -> None:
+        if kind not in ("daemon", "reader"):
+            raise UsageError(f"invalid ticker kind {kind!r}: expected 'daemon' or 'reader'")
+        for name, value in (("lease", lease), ("interval", interval), ("idle_interval", idle_interval)):
+            if not value > 0:
+                raise UsageError(f"invalid ticker {name} {value!r}: expected a positive number of seconds")
+        if idle_interval < interval:
+            raise UsageError(f"ticker idle_interval {idle_interval:g}s is shorter than its interval {interval:g}s")
+        self.conninfo = with_keepalives(conninfo)
+        self.kind: Kind = kind
+        self.holder = holder or f"{kind} {socket.gethostname()} pid {os.getpid()}"
+        self.lease = lease
+        self.interval = interval
+        self.idle_interval = idle_interval
+        self.on_tick = on_tick
+        self.term: int | None = None
+        self.stats = TickerStats()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._closed = False
+
+    @property
+    def leading(self) -> bool:
+        """True while this candidate holds the lease."""
+        return self.term is not None
+
+    # -- lifecycle -------------------------------------------------------
+    async def run(self) -> None:
+        """Campaign and tick until cancelled; reconnect with backoff.
+
+        Raises :class:`TickerUnavailable` when this role or server cannot
+        tick at all, and :class:`NotMigrated` on a database without the ticker
+        schema; every other failure is retried."""
+        backoff = Backoff()
+        while not self._closed:
+            try:
+                conn = await self._connect()
+            except PgfeedError as exc:
+                delay = backoff.next_delay()
+                log.warning("ticker cannot connect; retrying", error=str(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await self._session(conn, backoff)
+            except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+                self._lost(f"connection lost: {_one_line(exc)}")
+                self.stats.reconnects += 1
+                delay = backoff.next_delay()
+                log.warning("ticker connection lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            finally:
+                self._conn = None
+                await conn.close()
+
+    async def close(self) -> None:
+        """Resign the lease if held (so that another candidate takes over at
+        once) and stop. Safe to call after cancelling :meth:`run`."""
+        self._closed = True
+        term, self.term = self.term, None
+        if term is None:
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5) as c:
+                await c.execute("SELECT pgfeed.ticker_resign_v2(%s)", (term,))
+            log.info("ticker resigned", term=term)
+        except psycopg.Error as exc:
+            log.warning("ticker could not resign; the lease expires on its own", term=term, error=_one_line(exc))
+
+    # -- internals -------------------------------------------------------
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise connect_error(exc, "connecting the ticker") from None
+        try:
+            # A tick is durable before anyone is told of it; a statement that
+            # hangs (lock, half-open link) is cut before the lease runs out.
+            await conn.execute("SET synchronous_commit = on")
+            await conn.execute("SET default_transaction_isolation = 'read committed'")
+            await conn.execute(f"SET statement_timeout = {max(1, int(self.lease * 1000 / 3))}")
+            await conn.execute("SET application_name = 'pgfeed ticker'")
+            conn.prepare_threshold = 0
+            for channel in (WAKE_CHANNEL, LEASE_CHANNEL):
+                await conn.execute(f"LISTEN {channel}")
+        except psycopg.Error as exc:
+            await conn.close()
+            if isinstance(exc, psycopg.OperationalError):
+                raise connect_error(exc, "preparing the ticker's connection") from None
+            raise translate(exc, "preparing the ticker's connection") from None
+        self._conn = conn
+        return conn
+
+    async def _session(self, conn: psycopg.AsyncConnection[Any], backoff: Backoff) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.interval
+        renew_at = 0.0
+        while not self._closed:
+            if self.term is None:
+                if await self._claim(conn):
+                    renew_at = loop.time() + self.lease / 3
+                    delay = self.interval
+                    backoff.reset()
+                    continue
+                # Someone else leads: try again when the lease could have run
+                # out, or at once when its holder resigns.
+                await self._wait(conn, self.lease / 3 * random.uniform(0.8, 1.2))
+                backoff.reset()
+                continue
+            if loop.time() >= renew_at:
+                if not await self._renew(conn):
+                    continue
+                renew_at = loop.time() + self.lease / 3
+            ticked = await self._tick(conn)
+            backoff.reset()
+            delay = self.interval if ticked else min(delay * 2, self.idle_interval)
+            await self._wait(conn, delay)
+
+    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        row = await self._one(
+            conn,
+            "SELECT term FROM pgfeed.ticker_claim_v2(%s, %s, %s)",
+            (self.holder, self.kind, int(self.lease * 1000)),
+        )
+        if row is None:
+            return False
+        self.term = int(row[0])
+        self.stats.leader_changes += 1
+        log.info("ticker leads", term=self.term, holder=self.holder)
+        return True
+
+    async def _renew(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        assert self.term is not None
+        row = await self._one(conn, "SELECT pgfeed.ticker_renew_v2(%s, %s)", (self.term, int(self.lease * 1000)))
+        if row is None or not row[0]:
+            self._lost("another ticker took the lease")
+            return False
+        return True
+
+    async def _tick(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        assert self.term is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.stats.checks += 1
+        try:
+            row = await self._one(conn, "SELECT id FROM pgfeed.tick_v2(%s)", (self.term,))
+        except pgerrors.RaiseException as exc:
+            if exc.sqlstate == "PF001":  # superseded: fenced off
+                self._lost("another ticker took the lease")
+                return False
+            raise
+        if row is None:
+            return False
+        took = loop.time() - started
+        self.stats.ticks += 1
+        self.stats.last_tick = int(row[0])
+        self.stats.last_tick_seconds = took
+        if self.on_tick is not None:
+            self.on_tick(int(row[0]))
+        return True
+
+    async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: tuple[Any, ...]) -> Any:
+        try:
+            async with asyncio.timeout(self.lease / 3 + 1):
+                cur = await conn.execute(query, params)
+                return await cur.fetchone()
+        except TimeoutError:
+            _shutdown(conn)
+            raise
+        except (pgerrors.InsufficientPrivilege, pgerrors.ReadOnlySqlTransaction) as exc:
+            raise TickerUnavailable(f"this role or server cannot tick: {_one_line(exc)}") from None
+        except (pgerrors.UndefinedFunction, pgerrors.UndefinedTable):
+            raise NotMigrated(
+                "the pgfeed schema predates the ticker (pgfeed.ticker_claim_v2 missing): run `pgfeed migrate`"
+            ) from None
+        except pgerrors.RaiseException as exc:
+            if exc.sqlstate == "PF002":
+                raise PgfeedError(_one_line(exc).removeprefix("pgfeed: ")) from None
+            raise
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            raise translate(exc, "ticking") from None
+
+    async def _wait(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+        """Sleep up to ``seconds``; a wake-up or resign notification ends it early."""
+        async for _ in conn.notifies(timeout=seconds, stop_after=1):
+            break
+
+    def _lost(self, why: str) -> None:
+        if self.term is not None:
+            log.info("ticker no longer leads", term=self.term, reason=why)
+        self.term = None
+
+
+def _shutdown(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Cut a connection that stopped answering (a cancel request would hang too)."""
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
