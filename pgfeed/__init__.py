@@ -11,6 +11,7 @@ from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     ConnectError,
     ForkedReader,
+    ForkedReader,
     FutureToken,
     PayloadError,
     PermissionDenied,
@@ -20,6 +21,7 @@ from pgfeed.errors import (
     UsageError,
     WaitTimeout,
 )
+from pgfeed.options import ReaderOptions
 from pgfeed.options import ReaderOptions
 from pgfeed.reader import AsyncReader, Batch, Row, Subscription
 from pgfeed.sync import Reader, SyncSubscription
@@ -33,12 +35,14 @@ __all__ = [
     "CommitToken",
     "ConnectError",
     "ForkedReader",
+    "ForkedReader",
     "FutureToken",
     "PayloadError",
     "PermissionDenied",
     "PgfeedError",
     "Position",
     "Reader",
+    "ReaderOptions",
     "ReaderOptions",
     "Row",
     "Subscription",
