@@ -11,7 +11,6 @@ from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     ConnectError,
     ForkedReader,
-    ForkedReader,
     FutureToken,
     PayloadError,
     PermissionDenied,
@@ -21,7 +20,6 @@ from pgfeed.errors import (
     UsageError,
     WaitTimeout,
 )
-from pgfeed.options import ReaderOptions
 from pgfeed.options import ReaderOptions
 from pgfeed.reader import AsyncReader, Batch, Row, Subscription
 from pgfeed.sync import Reader, SyncSubscription
@@ -35,14 +33,12 @@ __all__ = [
     "CommitToken",
     "ConnectError",
     "ForkedReader",
-    "ForkedReader",
     "FutureToken",
     "PayloadError",
     "PermissionDenied",
     "PgfeedError",
     "Position",
     "Reader",
-    "ReaderOptions",
     "ReaderOptions",
     "Row",
     "Subscription",

@@ -116,8 +116,3 @@ fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)."""
 
 class CommitTokenUnavailable(PgfeedError):
     """The transaction is committed, but no commit token could be had."""
-
-
-class ForkedReader(UsageError):
-    """This reader was opened in another process before a fork: open a reader in each worker process after the \
-fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)."""
