@@ -88,9 +88,10 @@ def test_insert_update_delete(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) 
 
 
 def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn: Conn, changes: int) -> None:
-    admin.capture(pgfeed_conn, "public", "orders", "changes")
+    admin.create_stream(pgfeed_conn, "loud", notify_mode="immediate")
+    admin.capture(pgfeed_conn, "public", "orders", "loud")
     with psycopg.connect(pgfeed_dsn, autocommit=True) as listener:
-        listener.execute(f"LISTEN pgfeed_v1_{changes}")
+        listener.execute("LISTEN pgfeed_v2_wake")
         with pgfeed_conn.transaction():
             pgfeed_conn.execute("INSERT INTO orders SELECT g, 'bulk' FROM generate_series(1, 100) g")
             pgfeed_conn.execute("UPDATE orders SET note = 'x' WHERE id <= 10")
@@ -103,8 +104,8 @@ def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn:
             if n.channel == "pgfeed_test_done":
                 break
             got.append((n.channel, n.payload))
-    assert got == [(f"pgfeed_v1_{changes}", "")]  # one wake-up for 110 rows, no row data in it
-    rows = event_rows(pgfeed_conn)
+    assert got == [("pgfeed_v2_wake", "")]  # one wake-up for 110 rows, no row data in it
+    rows = event_rows(pgfeed_conn, "loud")
     assert len(rows) == 110
     assert len({r[2] for r in rows}) == 1
     assert [r[0]["key"]["id"] for r in rows] == list(range(1, 101)) + list(range(1, 11))

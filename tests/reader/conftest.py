@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
 from pgfeed import admin
@@ -169,11 +170,4 @@ def assert_positions_increase(rows: list[dict[str, Any]]) -> None:
     assert len(set(positions)) == len(positions)
 
 
-def take_tick(conn: psycopg.Connection[Any]) -> pgfeed.Position:
-    """Force a tick now, as the ticker would (tests place ticks between and
-    around commits with it); returns its position."""
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        row = conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL)").fetchone()
-    assert row is not None
-    return pgfeed.Position(int(row[0]))
+__all__ = ["take_tick"]
