@@ -554,10 +554,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _row_message(row: Any) -> Message:
-    payload = row.payload
+    from pgfeed import rows
+
+    message = rows.to_json(row)
+    payload = message["payload"]
     sent = payload.get("t") if isinstance(payload, dict) else None
     lag = round((time.time() - sent) * 1000, 3) if isinstance(sent, int | float) else None
-    return {"type": "row", "seq": row.seq, "position": row.token, "lag_ms": lag, "payload": payload}
+    return {"type": "row", **message, "seq": row.seq, "lag_ms": lag}
 
 
 async def _async_reader(conninfo: str, emit: _Emitter) -> int:
