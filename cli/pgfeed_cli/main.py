@@ -1,22 +1,29 @@
-"""The ``pgfeed`` command: parse, call the library, format. Nothing else."""
+"""The ``pgfeed`` command: parse, call the library, format. Nothing else.
+
+Arguments are checked by click parameter types before anything connects;
+errors are mapped once, by the command classes (:func:`_one_line_errors`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import select
 import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import click
 import psycopg
 
-from pgfeed import admin, connect, migrator
+from pgfeed import admin, connect, migrator, rows
+from pgfeed.core.durations import parse_duration
 from pgfeed.core.names import (
     STREAM_NAME_RULE,
     check_stream_name,
@@ -25,9 +32,19 @@ from pgfeed.core.names import (
     parse_qualified_table,
     quote_name,
 )
-from pgfeed.errors import PgfeedError, StreamExists, UsageError, translate
+from pgfeed.core.positions import Position
+from pgfeed.core.tokens import CommitToken
+from pgfeed.errors import (
+    InvalidStreamName,
+    PermissionDenied,
+    PgfeedError,
+    StreamExists,
+    TokenError,
+    UsageError,
+    translate,
+)
 from pgfeed.reader import AsyncReader, Row
-from pgfeed.writer import append, append_many
+from pgfeed.writer import append, append_many, commit_token
 from pgfeed_cli import logs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,64 +66,237 @@ class Context:
 
     @contextmanager
     def conn(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
-        c = connect.connect(self.conninfo, doing=doing)
+        with _dsn_checked_by_libpq():
+            c = connect.connect(self.conninfo, doing=doing)
         try:
             yield c
         finally:
             c.close()
 
 
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"pgfeed: error: {message}", err=True)
-    sys.exit(code)
-
-
-def user_errors(fn: F) -> F:
-    """One line and a non-zero exit for anything the user can fix; a traceback only with --debug."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        debug = bool(ctx.find_object(Context) and ctx.find_object(Context).debug)  # type: ignore[union-attr]
-        try:
-            return fn(*args, **kwargs)
-        except UsageError as exc:
-            if debug:
-                raise
-            fail(str(exc), 2)
-        except PgfeedError as exc:
-            if debug:
-                raise
-            fail(str(exc))
-        except psycopg.Error as exc:
-            if debug:
-                raise
-            fail(str(translate(exc, ctx.command_path)))
-
-    return wrapper  # type: ignore[return-value]
-
-
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGFEED"})
-@click.option("--dsn", metavar="DSN", help="PostgreSQL connection string (default: $PGFEED_DSN, libpq env, embedded).")
-@click.option("-v", "--verbose", count=True, help="Log what happens (to stderr).")
-@click.option("--debug", is_flag=True, help="Debug logs, and tracebacks on errors.")
+# -- errors: one line, exit 2 for usage errors and 1 otherwise -------------------
+#: Who may run a command: named when PostgreSQL refuses it (``needs=`` of a command).
+OWNER = "the schema owner (the role that ran `pgfeed migrate`)"
+READER = "the schema owner or a role granted `pgfeed grant reader`"
+WRITER = "the schema owner or a role granted `pgfeed grant writer` (for this stream)"
+
+
+class BadInput(UsageError):
+    """Input that is not what the command reads."""
+
+
+#: What the user typed or piped in is malformed: exit 2, like click's usage errors.
+#: Everything else (unknown stream or role, permission, payload over the limit,
+#: connection) is a failure of a well-formed command: exit 1.
+MALFORMED = (BadInput, InvalidStreamName, TokenError)
+
+
+class _OwnUsageError(click.UsageError):
+    """A usage error whose message says what to do (pgfeed's parsers, --yes): no --help hint."""
+
+
+class _Reported(click.ClickException):
+    """A failure in pgfeed's words, shown as the one line ``pgfeed: error: ...``; exit 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"pgfeed: error: {self.message}", err=True)
+
+
+class _ReportedUsage(_Reported):
+    """A usage error in pgfeed's words; exit 2."""
+
+    exit_code = 2
+
+
+def _report(message: str, usage: bool) -> _Reported:
+    return _ReportedUsage(message) if usage else _Reported(message)
+
+
+# click >= 8.2 shows a group's help, when it is called without a command, by raising this.
+_SHOWS_HELP: type[Exception] = getattr(click.exceptions, "NoArgsIsHelpError", _Reported)
+
+
+@contextmanager
+def _one_line_errors(ctx: click.Context | None) -> Iterator[None]:
+    """The one mapping of errors to what the user sees; ``--debug`` adds the traceback."""
+    try:
+        yield
+    except (_Reported, _SHOWS_HELP):
+        raise
+    except click.UsageError as exc:
+        raise _ReportedUsage(_usage_message(exc)) from None
+    except click.ClickException as exc:
+        raise _report(exc.format_message(), exc.exit_code == 2) from None
+    except PgfeedError as exc:
+        raise _reported(exc, exc, ctx) from None
+    except psycopg.Error as exc:  # not translated by the library: name the command
+        raise _reported(translate(exc, ctx.command_path if ctx else "pgfeed"), exc, ctx) from None
+
+
+def _usage_message(exc: click.UsageError) -> str:
+    """click's four-line usage error as one line, keeping its hint to --help."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    if message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    if isinstance(exc, _OwnUsageError) or exc.ctx is None:
+        return message
+    return f"{message}; try '{exc.ctx.command_path} --help'"
+
+
+def _reported(exc: PgfeedError, original: BaseException, ctx: click.Context | None) -> _Reported:
+    obj = ctx.find_object(Context) if ctx is not None else None
+    if obj is not None and obj.debug:
+        click.echo("".join(traceback.format_exception(original)), err=True, nl=False)
+    message = str(exc)
+    if isinstance(exc, PermissionDenied) and ctx is not None:
+        # PostgreSQL names the object it refused; say which grant the command needs.
+        message = f"{message}; `{ctx.command_path}` needs {getattr(ctx.command, 'needs', OWNER)}"
+    return _report(message, isinstance(exc, MALFORMED))
+
+
+@contextmanager
+def _dsn_checked_by_libpq() -> Iterator[None]:
+    """Some DSN mistakes (``port=abc``) show only when connecting: still a usage error."""
+    try:
+        yield
+    except UsageError as exc:
+        raise BadInput(str(exc)) from None
+
+
+class _Command(click.Command):
+    """A pgfeed command: errors mapped by :func:`_one_line_errors`; ``needs`` says who may run it."""
+
+    def __init__(self, *args: Any, needs: str = OWNER, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.needs = needs
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors(ctx):
+            return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    """pgfeed and its command groups: errors in parsing and in callbacks mapped the same way."""
+
+    command_class = _Command
+    group_class = type  # subgroups are _Group too
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        with _one_line_errors(parent):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors(ctx):
+            return super().invoke(ctx)
+
+
+# -- arguments: checked before anything connects ------------------------------------
+class _Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only in recent click; 8.1 is supported
+    """A value checked by one of pgfeed's parsers; a refusal is a usage error in its words."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value  # a parsed default
+        try:
+            return self.parse(value)
+        except PgfeedError as exc:
+            raise _OwnUsageError(str(exc), ctx) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"invalid JSON on {where}: {exc.msg} at column {exc.colno}") from None
+    except ValueError as exc:
+        raise BadInput(f"invalid JSON on {where}: {exc}") from None
+    except RecursionError:
+        raise BadInput(f"invalid JSON on {where}: nested too deeply") from None
+
+
+def _check_since(text: str) -> str:
+    if text not in ("earliest", "now") and CommitToken.parse(text) is None:
+        Position.parse(text)
+    return text
+
+
+def _parse_ops(text: str) -> list[str]:
+    ops = [o.strip().lower() for o in text.split(",")]
+    if not set(ops) <= set(admin.CAPTURE_OPS):
+        raise UsageError(f"invalid operations {text!r}: expected a non-empty subset of {','.join(admin.CAPTURE_OPS)}")
+    return ops
+
+
+#: ``append STREAM -``: the payloads are JSON lines on stdin.
+STDIN: Final = object()
+
+DSN = _Parsed("dsn", connect.check_dsn)
+STREAM = _Parsed("stream", check_stream_name)
+SINCE = _Parsed("position", _check_since)
+PAYLOAD = _Parsed("json", lambda text: STDIN if text == "-" else _parse_json(text, "the JSON argument"))
+TABLE = _Parsed("table", parse_qualified_table)
+COLUMNS = _Parsed("columns", parse_column_list)
+OPS = _Parsed("ops", _parse_ops)
+DURATION = _Parsed("duration", parse_duration)
+
+
+class _Option(click.Option):
+    """An option that, when not given, is read from ``PGFEED_<COMMAND>_<OPTION>``,
+    named after its long flag: ``PGFEED_TAIL_FROM`` for ``tail --from`` (click
+    would use the parameter's Python name, ``since``). A nested command's path
+    is joined: ``PGFEED_STREAM_CREATE_NOTIFY``."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        if self.envvar is not None or not self.allow_from_autoenv or ctx.auto_envvar_prefix is None:
+            return super().resolve_envvar_value(ctx)
+        flag = next((o for o in self.opts if o.startswith("--")), self.opts[0])
+        return os.environ.get(f"{ctx.auto_envvar_prefix}_{flag.lstrip('-').upper().replace('-', '_')}") or None
+
+
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """``click.option`` with the environment variable named after the flag (:class:`_Option`)."""
+    return click.option(*decls, cls=_Option, **attrs)
+
+
+@click.group(
+    "pgfeed", cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGFEED"}
+)
+@option(
+    "--dsn", metavar="DSN", type=DSN, help="PostgreSQL connection string (default: $PGFEED_DSN, libpq env, embedded)."
+)
+@option("-v", "--verbose", count=True, help="Log what happens (to stderr).")
+@option("--debug", is_flag=True, help="Debug logs, and tracebacks on errors.")
 @click.version_option(package_name="pgfeed")
 @click.pass_context
 def cli(ctx: click.Context, dsn: str | None, verbose: int, debug: bool) -> None:
-    """pgfeed: a gap-free, ordered change feed on PostgreSQL."""
+    """pgfeed: a gap-free, ordered change feed on PostgreSQL.
+
+    Every option can also be set in the environment as PGFEED_<COMMAND>_<OPTION>,
+    e.g. PGFEED_TAIL_FORMAT=pretty or PGFEED_STREAM_CREATE_NOTIFY=poll (not --yes).
+    Errors are one line on stderr; exit 2 for usage errors, 1 for other failures.
+    """
     logs.configure(bool(verbose), debug)
     ctx.obj = Context(dsn, debug)
 
 
 # -- migrate --------------------------------------------------------------
 @cli.group(invoke_without_command=True)
-@click.option("--dry-run", is_flag=True, help="Print the SQL that would run; change nothing.")
-@click.option("--status", "show_status", is_flag=True, help="List applied and pending versions.")
+@option("--dry-run", is_flag=True, help="Print the SQL that would run; change nothing.")
+@option("--status", "show_status", is_flag=True, help="List applied and pending versions.")
 @click.pass_context
-@user_errors
 def migrate(ctx: click.Context, dry_run: bool, show_status: bool) -> None:
     """Install or upgrade the pgfeed schema (safe to run concurrently)."""
     if ctx.invoked_subcommand is not None:
@@ -133,7 +323,6 @@ def migrate(ctx: click.Context, dry_run: bool, show_status: bool) -> None:
 
 @migrate.command("status")
 @pass_ctx
-@user_errors
 def migrate_status(obj: Context) -> None:
     """List applied and pending versions."""
     _print_status(obj)
@@ -155,15 +344,15 @@ def stream() -> None:
 
 
 @stream.command("create")
-@click.argument("name")
-@click.option(
+@click.argument("name", type=STREAM)
+@option(
     "--max-payload-bytes",
     type=click.IntRange(min=1, max=admin.MAX_MAX_PAYLOAD),
     default=admin.DEFAULT_MAX_PAYLOAD,
     show_default=True,
     help="Refuse payloads larger than this (pg_column_size of the jsonb value).",
 )
-@click.option(
+@option(
     "--notify",
     "notify_mode",
     type=click.Choice(admin.NOTIFY_MODES),
@@ -172,10 +361,8 @@ def stream() -> None:
     help="immediate: NOTIFY at each commit; poll: readers rely on polling (no NOTIFY on the write path).",
 )
 @pass_ctx
-@user_errors
 def stream_create(obj: Context, name: str, max_payload_bytes: int, notify_mode: str) -> None:
     """Create stream NAME."""
-    check_stream_name(name)
     with obj.conn("creating a stream") as conn:
         try:
             admin.create_stream(conn, name, max_payload_bytes=max_payload_bytes, notify_mode=notify_mode)  # type: ignore[arg-type]
@@ -185,10 +372,9 @@ def stream_create(obj: Context, name: str, max_payload_bytes: int, notify_mode: 
     click.echo(f"created stream {name}")
 
 
-@stream.command("list")
-@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+@stream.command("list", needs=READER)
+@option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
 @pass_ctx
-@user_errors
 def stream_list(obj: Context, as_json: bool) -> None:
     """List streams: name, rows, head position, notify mode."""
     with obj.conn("listing streams") as conn:
@@ -206,15 +392,14 @@ def stream_list(obj: Context, as_json: bool) -> None:
 
 
 @stream.command("drop")
-@click.argument("name")
-@click.option("--yes", is_flag=True, help="Really drop the stream and all its rows.")
+@click.argument("name", type=STREAM)
+# A confirmation must be typed: no PGFEED_STREAM_DROP_YES.
+@option("--yes", is_flag=True, allow_from_autoenv=False, help="Really drop the stream and all its rows.")
 @pass_ctx
-@user_errors
 def stream_drop(obj: Context, name: str, yes: bool) -> None:
     """Drop stream NAME, all its rows and its table captures (needs --yes)."""
-    check_stream_name(name)
     if not yes:
-        raise UsageError(f"dropping stream {name!r} deletes all its rows: repeat with --yes to confirm")
+        raise _OwnUsageError(f"dropping stream {name!r} deletes all its rows: repeat with --yes to confirm")
     with obj.conn("dropping a stream") as conn:
         uncaptured = admin.drop_stream(conn, name)
     click.echo(f"dropped stream {name}")
@@ -223,11 +408,11 @@ def stream_drop(obj: Context, name: str, yes: bool) -> None:
 
 
 # -- append ------------------------------------------------------------------
-@cli.command("append")
-@click.argument("stream_name", metavar="STREAM")
-@click.argument("payload", metavar="JSON|-")
-@click.option("--key", default=None, help="Optional key stored with the row (with -: with every row).")
-@click.option(
+@cli.command("append", needs=WRITER)
+@click.argument("stream_name", metavar="STREAM", type=STREAM)
+@click.argument("payload", metavar="JSON|-", type=PAYLOAD)
+@option("--key", default=None, help="Optional key stored with the row (with -: with every row).")
+@option(
     "--batch",
     "batch_size",
     type=click.IntRange(min=1),
@@ -236,14 +421,17 @@ def stream_drop(obj: Context, name: str, yes: bool) -> None:
     help="With -: lines per transaction.",
 )
 @pass_ctx
-@user_errors
-def append_cmd(obj: Context, stream_name: str, payload: str, key: str | None, batch_size: int) -> None:
-    """Append one JSON value to STREAM, or JSON lines from stdin with -.
+def append_cmd(obj: Context, stream_name: str, payload: Any, key: str | None, batch_size: int) -> None:
+    """Append one JSON value to STREAM and print its commit token, or JSON lines from stdin with -.
 
     A payload is any JSON value: object, array, string, number, true, false or
     null (NaN and Infinity are not JSON). The server refuses payloads larger
     than the stream's limit (stream create --max-payload-bytes). Put -- before
     a value that starts with a dash: pgfeed append STREAM -- -1.
+
+    A single value is committed at once and its commit token printed: a
+    reader's wait_for(STREAM, token), in any process, returns once that
+    reader has delivered the row (read-your-writes).
 
     With -, stdin holds one JSON value per line (UTF-8; blank lines are
     skipped but counted). Lines are appended in order, in transactions of
@@ -256,14 +444,12 @@ def append_cmd(obj: Context, stream_name: str, payload: str, key: str | None, ba
     read. If the connection is lost during a COMMIT, the error says that
     transaction may or may not be committed.
     """
-    check_stream_name(stream_name)
     with obj.conn("appending") as conn:
         admin.stream_id(conn, stream_name)  # an unknown stream fails before stdin is read
-        if payload != "-":
-            value = _parse_json(payload, "the JSON argument")
+        if payload is not STDIN:
             with conn.transaction():
-                seq = append(conn, stream_name, value, key)
-            click.echo(f"appended seq {seq}")
+                append(conn, stream_name, payload, key)
+            click.echo(str(commit_token(conn)))
             return
         lines = _LineAppender(conn, stream_name, key, batch_size)
         for lineno, raw in enumerate(sys.stdin.buffer, start=1):
@@ -287,12 +473,12 @@ class _LineAppender:
         try:
             text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            raise self._stopped(UsageError(f"line {lineno} is not UTF-8 (byte {exc.start + 1})"), lineno) from None
+            raise self._stopped(BadInput(f"line {lineno} is not UTF-8 (byte {exc.start + 1})"), lineno) from None
         if not text.strip():
             return
         try:
             value = _parse_json(text, f"line {lineno}")
-        except UsageError as exc:
+        except BadInput as exc:
             raise self._stopped(exc, lineno) from None
         self.pending.append((lineno, value))
         if len(self.pending) >= self.batch_size:
@@ -328,32 +514,21 @@ class _LineAppender:
         )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"invalid JSON on {where}: {exc.msg} at column {exc.colno}") from None
-    except ValueError as exc:
-        raise UsageError(f"invalid JSON on {where}: {exc}") from None
-    except RecursionError:
-        raise UsageError(f"invalid JSON on {where}: nested too deeply") from None
-
-
 # -- capture ------------------------------------------------------------------
 @cli.command("capture")
-@click.argument("table")
-@click.option("--stream", "stream_name", required=True, help="Stream the changes go to.")
-@click.option("--columns", default=None, help="Comma-separated columns to put in row (default: all).")
-@click.option("--ops", default="insert,update,delete", show_default=True, help="Operations to capture.")
-@click.option("--key", "key_columns", default=None, help="Key columns (default: the primary key).")
+@click.argument("table", type=TABLE)
+@option("--stream", "stream_name", type=STREAM, required=True, help="Stream the changes go to.")
+@option("--columns", type=COLUMNS, default=None, help="Comma-separated columns to put in row (default: all).")
+@option("--ops", type=OPS, default="insert,update,delete", show_default=True, help="Operations to capture.")
+@option("--key", "key_columns", type=COLUMNS, default=None, help="Key columns (default: the primary key).")
 @pass_ctx
-@user_errors
 def capture_cmd(
-    obj: Context, table: str, stream_name: str, columns: str | None, ops: str, key_columns: str | None
+    obj: Context,
+    table: tuple[str, str],
+    stream_name: str,
+    columns: list[str] | None,
+    ops: list[str],
+    key_columns: list[str] | None,
 ) -> None:
     """Capture row changes of [SCHEMA.]TABLE into a stream (row triggers).
 
@@ -368,32 +543,20 @@ def capture_cmd(
     settings. If the append fails (say the payload is over the stream's
     limit), the writer's statement fails with pgfeed's error.
     """
-    schema, name = parse_qualified_table(table)
-    check_stream_name(stream_name)
-    ops_list = [o.strip().lower() for o in ops.split(",")]
+    schema, name = table
     with obj.conn("installing capture") as conn:
-        key = admin.capture(
-            conn,
-            schema,
-            name,
-            stream_name,
-            columns=parse_column_list(columns),
-            key=parse_column_list(key_columns),
-            ops=ops_list,
-        )
+        key = admin.capture(conn, schema, name, stream_name, columns=columns, key=key_columns, ops=ops)
     shown = format_qualified_table(schema, name)
     click.echo(f"capturing {shown} into {stream_name} (key: {', '.join(quote_name(k) for k in key)})")
 
 
 @cli.command("uncapture")
-@click.argument("table")
-@click.option("--stream", "stream_name", required=True, help="The stream the table is captured into.")
+@click.argument("table", type=TABLE)
+@option("--stream", "stream_name", type=STREAM, required=True, help="The stream the table is captured into.")
 @pass_ctx
-@user_errors
-def uncapture_cmd(obj: Context, table: str, stream_name: str) -> None:
+def uncapture_cmd(obj: Context, table: tuple[str, str], stream_name: str) -> None:
     """Remove the capture of [SCHEMA.]TABLE into a stream (a no-op if there is none)."""
-    schema, name = parse_qualified_table(table)
-    check_stream_name(stream_name)
+    schema, name = table
     with obj.conn("removing capture") as conn:
         found = admin.uncapture(conn, schema, name, stream_name)
     shown = format_qualified_table(schema, name)
@@ -408,11 +571,14 @@ def grant() -> None:
 
 @grant.command("writer")
 @click.argument("role")
-@click.option(
-    "--stream", "streams", multiple=True, help="Only these streams (repeatable; default: all, present and future)."
+@option(
+    "--stream",
+    "streams",
+    type=STREAM,
+    multiple=True,
+    help="Only these streams (repeatable; default: all, present and future).",
 )
 @pass_ctx
-@user_errors
 def grant_writer_cmd(obj: Context, role: str, streams: tuple[str, ...]) -> None:
     """Let ROLE append (and nothing else)."""
     with obj.conn("granting") as conn:
@@ -423,7 +589,6 @@ def grant_writer_cmd(obj: Context, role: str, streams: tuple[str, ...]) -> None:
 @grant.command("reader")
 @click.argument("role")
 @pass_ctx
-@user_errors
 def grant_reader_cmd(obj: Context, role: str) -> None:
     """Let ROLE read every stream and keep its own positions."""
     with obj.conn("granting") as conn:
@@ -433,26 +598,24 @@ def grant_reader_cmd(obj: Context, role: str) -> None:
 
 # -- prune --------------------------------------------------------------------
 @cli.command("prune")
-@click.option(
+@option(
     "--older-than",
     "older_than",
+    type=DURATION,
     required=True,
     metavar="DURATION",
     help="Delete events and ticks older than this (e.g. 7d, 12h, 90m).",
 )
 @pass_ctx
-@user_errors
-def prune_cmd(obj: Context, older_than: str) -> None:
+def prune_cmd(obj: Context, older_than: float) -> None:
     """Delete old events and ticks of every stream.
 
     Readers positioned before what is kept reset instead of skipping rows.
     """
-    from pgfeed.core.durations import parse_duration
     from pgfeed.retention import prune
 
-    seconds = parse_duration(older_than)
     with obj.conn("pruning") as conn:
-        result = prune(conn, seconds)
+        result = prune(conn, older_than)
     click.echo(
         f"pruned {result.events_deleted} events and {result.ticks_deleted} ticks;"
         f" streams now start at tick {result.floor_tick}"
@@ -460,45 +623,49 @@ def prune_cmd(obj: Context, older_than: str) -> None:
 
 
 # -- tail ---------------------------------------------------------------------
-@cli.command("tail")
-@click.argument("stream_name", metavar="STREAM")
-@click.option("--from", "since", default="earliest", show_default=True, help="earliest, now, or a position token.")
-@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep following after catching up.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "pretty"]), default="jsonl", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N rows.")
+@cli.command("tail", needs=READER)
+@click.argument("stream_name", metavar="STREAM", type=STREAM)
+@option(
+    "--from",
+    "since",
+    type=SINCE,
+    default="earliest",
+    show_default=True,
+    help="earliest, now, a position token, or a commit token.",
+)
+@option("--follow/--no-follow", default=True, show_default=True, help="Keep following after catching up.")
+@option("--format", "fmt", type=click.Choice(["jsonl", "pretty"]), default="jsonl", show_default=True)
+@option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N rows.")
 @pass_ctx
-@user_errors
 def tail(obj: Context, stream_name: str, since: str, follow: bool, fmt: str, limit: int | None) -> None:
     """Print the rows of STREAM in order; with --follow, then new ones as they commit.
 
-    Ctrl-C or SIGTERM stop it cleanly (exit 0).
-    """
-    check_stream_name(stream_name)
-    if since not in ("earliest", "now"):
-        from pgfeed.core.positions import Position
+    jsonl: one object per row (stream, position, created_at, key, payload);
+    when continuity is lost (the stream was dropped and recreated, or pruned
+    past the position) a line {"stream", "reset": true, "reason"} comes
+    first: drop what you derived from the lines before it.
 
-        Position.parse(since)
+    Ctrl-C or SIGTERM stop it cleanly (exit 0), and so does the reader of its
+    output going away (| head).
+    """
     conninfo = obj.conninfo
-    with suppress(BrokenPipeError):
+    with suppress(BrokenPipeError), _dsn_checked_by_libpq():
         asyncio.run(_tail(conninfo, stream_name, since, follow, fmt, limit))
     _quiet_stdout_close()
 
 
 def _format_row(row: Row, fmt: str) -> str:
     if fmt == "jsonl":
-        return json.dumps(
-            {
-                "stream": row.stream,
-                "position": row.token,
-                "created_at": row.created_at.isoformat(),
-                "key": row.key,
-                "payload": row.payload,
-            },
-            separators=(",", ":"),
-        )
+        return rows.row_to_jsonl(row)
     stamp = row.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     key = f" [{row.key}]" if row.key is not None else ""
     return f"{stamp}  {row.stream}@{row.token}{key}  {json.dumps(row.payload)}"
+
+
+def _format_reset(stream_name: str, reason: str | None, fmt: str) -> str:
+    if fmt == "jsonl":
+        return rows.to_jsonl(rows.reset_to_json(stream_name, reason))
+    return f"-- {stream_name} reset: {reason or 'continuity lost'}; the rows above are superseded"
 
 
 async def _tail(conninfo: str, stream_name: str, since: str, follow: bool, fmt: str, limit: int | None) -> None:
@@ -506,9 +673,16 @@ async def _tail(conninfo: str, stream_name: str, since: str, follow: bool, fmt: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    _when_stdout_closed(lambda: loop.call_soon_threadsafe(stop.set))
+    reasons: dict[str, str] = {}
+
+    async def remember(stream: str, reason: str) -> None:  # runs before the reset batch is delivered
+        reasons[stream] = reason
+
     out = sys.stdout
     count = 0
     async with AsyncReader(conninfo) as reader:
+        reader.on_reset(remember)
         sub = await reader.subscribe(stream_name, since, until=None if follow else "now")
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -522,6 +696,8 @@ async def _tail(conninfo: str, stream_name: str, since: str, follow: bool, fmt: 
                     batch = nxt.result()
                 except StopAsyncIteration:
                     break
+                if batch.reset:
+                    out.write(_format_reset(stream_name, reasons.pop(stream_name, None), fmt) + "\n")
                 for row in batch.rows:
                     out.write(_format_row(row, fmt) + "\n")
                     count += 1
@@ -531,6 +707,31 @@ async def _tail(conninfo: str, stream_name: str, since: str, follow: bool, fmt: 
                 out.flush()
         finally:
             stopper.cancel()
+
+
+def _when_stdout_closed(callback: Callable[[], object]) -> None:
+    """Call ``callback`` (on a thread) as soon as whoever reads stdout has gone.
+
+    Without it, ``tail S | head -2`` on a quiet stream would learn that head
+    exited only from its next write, at the next row. poll() asked for no events
+    reports only POLLERR (a pipe whose reader closed), POLLHUP (a hung-up
+    terminal or socket) and POLLNVAL, so it never wakes for a file or /dev/null.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file descriptor (click's CliRunner)
+    if not hasattr(select, "poll"):
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)
+        poller.poll()
+        with suppress(RuntimeError):  # the loop is already closed: tail is ending anyway
+            callback()
+
+    threading.Thread(target=watch, name="pgfeed-stdout-watch", daemon=True).start()
 
 
 def _quiet_stdout_close() -> None:
@@ -543,16 +744,14 @@ def _quiet_stdout_close() -> None:
 
 
 @cli.command("demo")
-@click.option(
+@option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Stop after this many seconds of writing (default: until Ctrl-C).",
 )
-@click.option(
-    "--rate", type=click.FloatRange(min=0.1, max=1000), default=20.0, show_default=True, help="Rows per second."
-)
-@click.option(
+@option("--rate", type=click.FloatRange(min=0.1, max=1000), default=20.0, show_default=True, help="Rows per second.")
+@option(
     "--log",
     "log_path",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -560,7 +759,6 @@ def _quiet_stdout_close() -> None:
     help="Also write every report of the writer and readers to FILE as JSON lines.",
 )
 @pass_ctx
-@user_errors
 def demo(obj: Context, duration: float | None, rate: float, log_path: Path | None) -> None:
     """A writer and two reader processes on stream "demo", live, until Ctrl-C.
 
