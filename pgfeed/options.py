@@ -14,6 +14,8 @@ from typing import Any
 
 from pgfeed.errors import UsageError
 
+TICKER_MODES = ("auto", "off")
+
 
 @dataclass(frozen=True)
 class ReaderOptions:
@@ -46,10 +48,21 @@ class ReaderOptions:
     save_interval: float = 1.0
     """Seconds between saves of named consumers' positions (they are saved on close too)."""
 
+    ticker: str = "auto"
+    """``"auto"``: this process may be the database's ticker while no ``pgfeed daemon`` runs, if its
+    role may tick; ``"off"``: it never ticks (readers with only the reader grant, hot standbys)."""
+
+    ticker_lease: float = 10.0
+    """Seconds a dead embedded ticker holds the ticker lease before another process takes over."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             if isinstance(f.default, int | float) and not isinstance(f.default, bool):
                 check_positive(f.name, getattr(self, f.name), integer=isinstance(f.default, int))
+        if self.ticker not in TICKER_MODES:
+            raise UsageError(
+                f"invalid ticker {self.ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'"
+            )
 
     @classmethod
     def merge(cls, base: ReaderOptions | None, given: Mapping[str, Any]) -> ReaderOptions:

@@ -269,6 +269,8 @@ class Reader:
         tick_window: int = ReaderOptions.tick_window,
         pool_size: int = ReaderOptions.pool_size,
         save_interval: float = ReaderOptions.save_interval,
+        ticker: str = ReaderOptions.ticker,
+        ticker_lease: float = ReaderOptions.ticker_lease,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}

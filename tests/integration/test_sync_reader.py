@@ -150,12 +150,14 @@ def test_a_reader_opened_in_the_child_after_the_fork_delivers(
 ) -> None:
     token = append(pgfeed_conn, stream, 1, 2, 3)
     with pgfeed.Reader(pgfeed_dsn) as inherited:
-        inherited.subscribe(stream, "earliest", until="now")
+        inherited.subscribe(stream, "earliest")
 
         def child() -> None:
+            got_fresh, on_fresh = collector()
             with pgfeed.Reader(pgfeed_dsn) as fresh:
-                sub = fresh.subscribe(stream, "earliest", until="now")
-                assert [r.payload["id"] for batch in sub for r in batch.rows] == [1, 2, 3]
+                fresh.on(stream, on_fresh, since="earliest")
+                fresh.wait_for(stream, token, timeout=10)
+            assert got_fresh == [1, 2, 3]
             # The inherited one, once closed in the child, opens again there.
             inherited.close()
             got, on_batch = collector()
@@ -316,6 +318,7 @@ def test_callbacks_registered_before_a_failed_open_start_at_the_next_open(
 def test_position_from_many_threads_while_rows_flow_and_subscriptions_change(
     pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
 ) -> None:
+    admin.create_stream(pgfeed_conn, "audit")
     got, on_batch = collector()
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -331,10 +334,11 @@ def test_position_from_many_threads_while_rows_flow_and_subscriptions_change(
             errors.append(exc)
 
     def churn() -> None:
-        # Adds and removes subscriptions: the set that position() reads changes under it.
+        # Adds and removes subscriptions (of another stream, so that the
+        # position of this one stays monotonic): the set position() reads changes under it.
         try:
             while not stop.is_set():
-                reader.subscribe(stream, "now").close()
+                reader.subscribe("audit", "earliest").close()
         except BaseException as exc:
             errors.append(exc)
 
@@ -379,6 +383,8 @@ def test_reader_keywords_are_the_options_fields() -> None:
         ({"batch_size": 2.5}, "invalid batch_size 2.5: expected a positive integer"),
         ({"queue_batches": True}, "invalid queue_batches True: expected a positive integer"),
         ({"pool_size": -1}, "invalid pool_size -1: expected a positive integer"),
+        ({"ticker_lease": "10"}, "invalid ticker_lease '10': expected a positive number of seconds"),
+        ({"ticker": "on"}, "invalid ticker 'on': expected 'auto' (tick here when no daemon does) or 'off'"),
     ],
 )
 def test_invalid_options_are_refused_in_one_line(kwargs: dict[str, Any], message: str) -> None:
@@ -399,6 +405,11 @@ def test_keywords_replace_the_fields_of_options() -> None:
 def test_the_options_reach_the_async_reader(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]) -> None:
     append(pgfeed_conn, stream, 1, 2, 3, 4, 5)
     with pgfeed.Reader(pgfeed_dsn, options=ReaderOptions(batch_size=2)) as reader:
-        sizes = [len(batch) for batch in reader.subscribe(stream, "earliest", until="now")]
+        sub = reader.subscribe(stream, "earliest")
+        sizes: list[int] = []
+        while sum(sizes) < 5:
+            batch = sub.next(timeout=10)
+            assert batch is not None
+            sizes.append(len(batch))
     assert sum(sizes) == 5
     assert max(sizes) == 2
