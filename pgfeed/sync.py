@@ -40,7 +40,7 @@ from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
 from pgfeed.errors import ForkedReader, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
-from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, _one_line
+from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line
 
 T = TypeVar("T")
 
@@ -475,7 +475,7 @@ class Reader:
 
         return self._call(f"reading the position of {stream!r}", position)
 
-    def wait_for(self, stream: str, token: str | Position, timeout: float = 10.0) -> Position:
+    def wait_for(self, stream: str, token: Token, timeout: float = 10.0) -> Position:
         """See :meth:`AsyncReader.wait_for`; never blocks longer than ``timeout``
         plus :data:`CALL_MARGIN`."""
         return self._wait(f"waiting for {stream!r}", lambda r: r.wait_for(stream, token, timeout), timeout)
