@@ -21,10 +21,28 @@
 -- release keep working while this is installed (their NOTIFY-less streams are
 -- followed by their fallback poll).
 
+-- Order inside a tick interval becomes seq, the global append order (see
+-- docs/design.md, "Causal order"): a transaction that appended after it saw
+-- another's commit allocated its seq after every seq of that one. Reading an
+-- interval in seq order needs two bounds per tick, and a snapshot that lists
+-- every running transaction below its xmax ("closed", see _insert_tick_v2).
+ALTER TABLE pgfeed.ticks ADD COLUMN seq_lo bigint;
 ALTER TABLE pgfeed.ticks ADD COLUMN seq_hi bigint;
 ALTER TABLE pgfeed.ticks ADD COLUMN term bigint;
+COMMENT ON COLUMN pgfeed.ticks.seq_lo IS
+    'Every row whose xid is at or above the snapshot''s xmax has a higher seq (NULL: tick of the previous release; readers then fall back to xid ranges).';
 COMMENT ON COLUMN pgfeed.ticks.seq_hi IS
     'pgfeed.event_seq as read just after the snapshot: every row with a higher seq was appended after the tick (NULL: tick of the previous release).';
+
+-- A row's xid is assigned before its seq is allocated (the default of seq
+-- asks for the xid first; the xid column's own default comes after it in
+-- column order). Hence a row with seq <= S was written by a transaction whose
+-- xid existed when S was read. ALTER recurses to every partition; new
+-- partitions copy it.
+ALTER TABLE pgfeed.events ALTER COLUMN seq
+    SET DEFAULT CASE WHEN pg_current_xact_id() IS NOT NULL THEN nextval('pgfeed.event_seq') END;
+-- Range reads in seq order.
+CREATE INDEX events_seq ON pgfeed.events (seq);
 COMMENT ON COLUMN pgfeed.ticks.term IS
     'Ticker term the tick was taken under (NULL: taken by create_stream or a reader of the previous release).';
 
@@ -94,48 +112,82 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM pgfeed.event_seq s
 $$;
 
--- Insert the next tick. Caller: READ COMMITTED, its own transaction. Takes the
--- tick lock, so the snapshot (a statement run after the lock was granted) sees
--- everything the previous tick saw. Refuses a snapshot behind the newest tick:
--- that database is not the continuation of the one that took it (restored
--- into a new cluster) and ticking on would skip rows silently.
-CREATE FUNCTION pgfeed._insert_tick_v2(tick_term bigint) RETURNS TABLE (id bigint, snap text)
+-- Insert the next tick. Caller: READ COMMITTED, its own transaction; seq_lo
+-- read by the caller before its transaction got an xid (or NULL when it had
+-- one already: create_stream_v2 inside a larger transaction). Takes the tick
+-- lock, so the snapshot (a statement run after the lock was granted) sees
+-- everything the previous tick saw.
+--
+-- The stored snapshot is *closed*: its xmax is raised to this transaction's
+-- own xid and every transaction still running below it is listed (a plain
+-- pg_current_snapshot() leaves out running xids at or above its xmax). Then
+-- every row with xid >= xmax was written by a transaction that got its xid
+-- after seq_lo was read, so its seq is above seq_lo; and every row with
+-- seq <= seq_lo that this tick does not see belongs to a listed xid. With no
+-- usable seq_lo, the tick keeps the previous tick's xmax and seq_lo, for
+-- which the same holds.
+--
+-- Refuses a snapshot behind the newest tick: that database is not the
+-- continuation of the one that took it (restored into a new cluster) and
+-- ticking on would skip rows silently.
+CREATE FUNCTION pgfeed._insert_tick_v2(tick_term bigint, seq_lo bigint) RETURNS TABLE (id bigint, snap text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     own       xid8;
     last_id   bigint;
     last_snap pg_snapshot;
+    last_lo   bigint;
     current   pg_snapshot;
-    seq_hi    bigint;
+    top       xid8;
+    lo        bigint := seq_lo;
+    hi        bigint;
+    running   xid8[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgfeed: ticks must be taken at READ COMMITTED, not %',
             current_setting('transaction_isolation')
             USING ERRCODE = '25001';
     END IF;
+    own := pg_current_xact_id();
     PERFORM pg_advisory_xact_lock(7451287230471176193);
-    own := pg_current_xact_id_if_assigned();
-    SELECT t.id, t.snap INTO last_id, last_snap FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    SELECT t.id, t.snap, t.seq_lo INTO last_id, last_snap, last_lo FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
     SELECT s INTO current FROM pg_current_snapshot() AS s;
-    seq_hi := pgfeed._seq_now_v2();
-    IF own IS NOT NULL AND own < pg_snapshot_xmax(current) THEN
-        SELECT format('%s:%s:%s', least(pg_snapshot_xmin(current), own), pg_snapshot_xmax(current),
-                      string_agg(u.x::text, ',' ORDER BY u.x))::pg_snapshot
-          INTO current
-          FROM (SELECT pg_snapshot_xip(current) AS x UNION SELECT own) AS u;
-    END IF;
+    hi := pgfeed._seq_now_v2();
     IF last_snap IS NOT NULL AND pg_snapshot_xmax(current) < pg_snapshot_xmax(last_snap) THEN
         RAISE EXCEPTION 'pgfeed: refusing to tick: this server''s transaction ids (%) are behind the newest tick % (%)',
             pg_snapshot_xmax(current), last_id, pg_snapshot_xmax(last_snap)
             USING ERRCODE = 'PF002',
                   HINT = 'The database was restored into a new cluster or replaced; see "When the database changes under you" in docs/design.md.';
     END IF;
-    INSERT INTO pgfeed.ticks (id, snap, taken_at, seq_hi, term)
-        VALUES (coalesce(last_id, 0) + 1, current, clock_timestamp(), seq_hi, tick_term);
+    IF lo IS NOT NULL THEN
+        top := greatest(own, pg_snapshot_xmax(current));
+    ELSE
+        -- Clamped: as far as the previous tick, with its seq_lo.
+        top := coalesce(pg_snapshot_xmax(last_snap), pg_snapshot_xmax(current));
+        lo := CASE WHEN last_snap IS NULL THEN 0 ELSE last_lo END;
+    END IF;
+    -- Running below top: the snapshot's list, this transaction when below
+    -- top, and every xid between the snapshot's xmax and top (few: xids
+    -- handed out after the latest one to end).
+    -- Those between the snapshot's xmax and top had all been handed out and
+    -- none had ended when the snapshot was taken (its xmax is one past the
+    -- latest xid to end), so they count as running. Asking now whether they
+    -- have ended would let a later commit in ahead of an earlier one (and
+    -- clog says "committed" before a transaction leaves the running set that
+    -- readers' snapshots use).
+    running := ARRAY(
+        SELECT x FROM pg_snapshot_xip(current) x WHERE x < top
+        UNION SELECT own WHERE own < top
+        UNION SELECT i::text::xid8 FROM generate_series(pg_snapshot_xmax(current)::text::bigint, top::text::bigint - 1) i
+        ORDER BY 1);
+    current := format('%s:%s:%s', coalesce((SELECT min(x) FROM unnest(running) x), top), top,
+                      array_to_string(running, ','))::pg_snapshot;
+    INSERT INTO pgfeed.ticks (id, snap, taken_at, seq_lo, seq_hi, term)
+        VALUES (coalesce(last_id, 0) + 1, current, clock_timestamp(), lo, hi, tick_term);
     PERFORM pg_notify('pgfeed_v2_ticks', (coalesce(last_id, 0) + 1)::text);
     RETURN QUERY SELECT coalesce(last_id, 0) + 1, current::text;
 END $$;
-REVOKE ALL ON FUNCTION pgfeed._insert_tick_v2(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgfeed._insert_tick_v2(bigint, bigint) FROM PUBLIC;
 
 -- The ticker's one call per cadence. Without a change since the newest tick
 -- it returns no row and writes nothing (no xid, no WAL). Otherwise it checks
@@ -148,6 +200,7 @@ DECLARE
     last_snap pg_snapshot;
     last_seq  bigint;
     found_it  boolean;
+    seq_lo    bigint;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'pgfeed.tick_v2() must run in a transaction of its own'
@@ -160,12 +213,14 @@ BEGIN
             RETURN;
         END IF;
     END IF;
+    -- Before the row lock below gives this transaction an xid.
+    seq_lo := pgfeed._seq_now_v2();
     SELECT true INTO found_it FROM pgfeed.ticker l WHERE l.term = tick_term FOR SHARE;
     IF found_it IS NULL THEN
         RAISE EXCEPTION 'pgfeed: ticker term % was superseded', tick_term
             USING ERRCODE = 'PF001', HINT = 'Another ticker holds the lease now.';
     END IF;
-    RETURN QUERY SELECT * FROM pgfeed._insert_tick_v2(tick_term);
+    RETURN QUERY SELECT * FROM pgfeed._insert_tick_v2(tick_term, seq_lo);
 END $$;
 REVOKE ALL ON FUNCTION pgfeed.tick_v2(bigint, boolean) FROM PUBLIC;
 
@@ -251,7 +306,8 @@ BEGIN
     END IF;
     -- Always a new tick: one from before this transaction could be a position
     -- of a dropped incarnation of the same name.
-    SELECT t.id INTO tick FROM pgfeed._insert_tick_v2(NULL) t;
+    SELECT t.id INTO tick FROM pgfeed._insert_tick_v2(
+        NULL, CASE WHEN pg_current_xact_id_if_assigned() IS NULL THEN pgfeed._seq_now_v2() END) t;
     INSERT INTO pgfeed.streams (name, created_tick, max_payload_bytes, notify_mode)
         VALUES (stream, tick, max_payload_bytes, notify_mode) RETURNING id INTO new_id;
     part := 'events_' || new_id;
@@ -408,6 +464,47 @@ BEGIN
         USING ERRCODE = '22023', HINT = 'Expected x<xid> or s<snapshot>, as returned by pgfeed.commit_token().';
 END $$;
 
+-- The rows of interval (a, b] of one stream in seq order after after_seq, at
+-- most lim: those visible in b and not in a. Two parts, each an ordered index
+-- scan: rows appended after a's seq_lo (seq range up to b's seq_hi), and the
+-- older rows of transactions a listed as running that b sees as finished
+-- (one (xid, seq) scan each). Nothing else can be in the interval: a row with
+-- seq <= seq_lo(a) that a does not see was written by a transaction a lists
+-- (see _insert_tick_v2). Ticks of the previous release have no seq_lo: then
+-- the xid ranges of the first release, sorted.
+CREATE FUNCTION pgfeed.interval_rows_v2(
+    sid bigint, a_snap pg_snapshot, a_seq_lo bigint, b_snap pg_snapshot, b_seq_hi bigint,
+    after_seq bigint, lim integer
+) RETURNS TABLE (xid bigint, seq bigint, created_at timestamptz, key text, payload jsonb)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    running xid8[] := ARRAY(SELECT x FROM pg_snapshot_xip(a_snap) x WHERE pg_visible_in_snapshot(x, b_snap));
+BEGIN
+    IF a_seq_lo IS NULL THEN
+        RETURN QUERY
+            SELECT e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload FROM pgfeed.events e
+             WHERE e.stream_id = sid AND e.seq > after_seq
+               AND (e.xid = ANY (running)
+                    OR (e.xid >= pg_snapshot_xmax(a_snap) AND e.xid < pg_snapshot_xmax(b_snap)
+                        AND pg_visible_in_snapshot(e.xid, b_snap)))
+             ORDER BY e.seq LIMIT lim;
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT u.* FROM (
+            (SELECT e.xid::text::bigint AS xid, e.seq, e.created_at, e.key, e.payload FROM pgfeed.events e
+              WHERE e.stream_id = sid AND e.seq > greatest(a_seq_lo, after_seq)
+                AND e.seq <= coalesce(b_seq_hi, 9223372036854775807)
+                AND pg_visible_in_snapshot(e.xid, b_snap) AND NOT pg_visible_in_snapshot(e.xid, a_snap)
+              ORDER BY e.seq LIMIT lim)
+            UNION ALL
+            (SELECT r.* FROM unnest(running) AS x(id) CROSS JOIN LATERAL (
+                SELECT e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload FROM pgfeed.events e
+                 WHERE e.stream_id = sid AND e.xid = x.id AND e.seq > after_seq AND e.seq <= a_seq_lo
+                 ORDER BY e.seq LIMIT lim) r)
+        ) u ORDER BY u.seq LIMIT lim;
+END $$;
+
 -- The live path of a reader, read-only: ticks from `known` on (the reader
 -- compares the one it knows: ticks never change, unless the database is not
 -- the one it was reading), the newest tick, the
@@ -426,56 +523,52 @@ RETURNS TABLE (
     created_at timestamptz,
     key        text,
     payload    jsonb,
-    floor_tick bigint
+    floor_tick bigint,
+    seq_lo     bigint,
+    seq_hi     bigint
 )
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     head_id  bigint;
     b_snap   pg_snapshot;
+    b_hi     bigint;
+    head_lo  bigint;
     a_snap   pg_snapshot;
+    a_lo     bigint;
     s        record;
-    running  xid8[];
 BEGIN
     IF cardinality(streams) IS DISTINCT FROM cardinality(after_ticks) THEN
         RAISE EXCEPTION 'pgfeed: % streams given with % positions', cardinality(streams), cardinality(after_ticks)
             USING ERRCODE = '22023';
     END IF;
     RETURN QUERY SELECT t.id, t.snap::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-                        NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint
+                        NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint, t.seq_lo, t.seq_hi
                    FROM pgfeed.ticks t WHERE t.id >= known ORDER BY t.id LIMIT 1000;
-    SELECT t.id, t.snap INTO head_id, b_snap FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    SELECT t.id, t.snap, t.seq_lo, t.seq_hi INTO head_id, b_snap, head_lo, b_hi
+      FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
     RETURN QUERY SELECT head_id, b_snap::text,
         (SELECT coalesce(json_object_agg(st.name, json_build_array(st.id, st.created_tick, st.floor_tick, st.notify_mode)), '{}')
            FROM pgfeed.streams st WHERE st.name = ANY (streams))::text,
-        NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint;
+        NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint,
+        head_lo, b_hi;
     IF head_id IS NULL OR head_id <> known + 1 THEN
         RETURN;
     END IF;
     FOR s IN
-        SELECT u.name, u.after, st.id AS sid
+        SELECT u.name, u.after, st.id AS sid, st.floor_tick AS floor
           FROM unnest(streams, after_ticks) AS u(name, after)
           JOIN pgfeed.streams st ON st.name = u.name
          WHERE u.after = head_id - 1
     LOOP
-        SELECT tk.snap INTO a_snap FROM pgfeed.ticks tk WHERE tk.id = s.after;
+        SELECT tk.snap, tk.seq_lo INTO a_snap, a_lo FROM pgfeed.ticks tk WHERE tk.id = s.after;
         CONTINUE WHEN a_snap IS NULL;
-        running := ARRAY(SELECT x FROM pg_snapshot_xip(a_snap) x WHERE pg_visible_in_snapshot(x, b_snap));
+        -- A marker row carries the floor even when the interval is empty.
+        RETURN QUERY SELECT head_id, NULL::text, NULL::text, s.name, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::text, NULL::jsonb, s.floor, NULL::bigint, NULL::bigint;
         RETURN QUERY
-            SELECT head_id, NULL::text, NULL::text, s.name, r.xid, r.seq, r.created_at, r.key, r.payload, f.floor_tick
-              FROM (SELECT st.floor_tick FROM pgfeed.streams st WHERE st.id = s.sid) f
-              LEFT JOIN LATERAL (
-                  (SELECT e.xid::text::bigint AS xid, e.seq, e.created_at, e.key, e.payload
-                     FROM pgfeed.events e
-                    WHERE e.stream_id = s.sid AND e.xid = ANY (running)
-                    ORDER BY e.xid, e.seq LIMIT lim + 1)
-                  UNION ALL
-                  (SELECT e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload
-                     FROM pgfeed.events e
-                    WHERE e.stream_id = s.sid
-                      AND e.xid >= pg_snapshot_xmax(a_snap) AND e.xid < pg_snapshot_xmax(b_snap)
-                      AND pg_visible_in_snapshot(e.xid, b_snap)
-                    ORDER BY e.xid, e.seq LIMIT lim + 1)
-              ) r ON true;
+            SELECT head_id, NULL::text, NULL::text, s.name, r.xid, r.seq, r.created_at, r.key, r.payload, s.floor,
+                   NULL::bigint, NULL::bigint
+              FROM pgfeed.interval_rows_v2(s.sid, a_snap, a_lo, b_snap, b_hi, 0, lim + 1) r;
     END LOOP;
 END $$;
 

@@ -318,6 +318,9 @@ class Subscription:
                 f"no tick covered the present within {NOW_TIMEOUT:g}s: is a ticker running "
                 "(`pgfeed daemon`, or a reader whose role may tick)?"
             ) from None
+        wanted = [p.tick for p in (self._since, self._until_spec) if isinstance(p, Position)]
+        if wanted and (reader._head is None or reader._head.id < max(wanted)):
+            head, metas = await reader._tick_now([self.stream])
         head = reader._head or head
         start = self._parse_since(self._since, head, meta, "since")
         if start.tick < meta.created_tick:
@@ -874,7 +877,8 @@ class AsyncReader:
         the reader's head get the next interval's rows in the same round trip."""
         assert self._pool is not None
         names = sorted({*self._stream_names(), *extra})
-        known = self._head.id if self._head is not None else None
+        started_at = self._head
+        known = started_at.id if started_at is not None else None
         caught_up = {s.stream for s in self._subscriptions if known is not None and s._fetch == Position(known)}
         after = [known if known is not None and name in caught_up else -1 for name in names]
         try:
@@ -885,20 +889,22 @@ class AsyncReader:
         head = live.head
         if head is None:
             raise PgfeedError("pgfeed.ticks is empty: run `pgfeed migrate` (it takes the first tick)")
-        self._check_history(live.ticks, head)
+        self._check_history(live.ticks, head, started_at)
         if known is not None and head.id == known + 1:
             self._prefetched = {(name, known): found for name, found in live.prefetched.items()}
         self._ticks.add(live.ticks)
         self._publish(head, live.metas)
         return head, live.metas
 
-    def _check_history(self, ticks: list[Tick], head: Tick) -> None:
+    def _check_history(self, ticks: list[Tick], head: Tick, known: Tick | None) -> None:
         """Ticks are immutable: one we saw with another snapshot, or a head
-        behind ours, means the database is not the one we were reading (a
-        lagging standby promoted, a restore). Never skip: reset loudly."""
+        behind the one this read started from, means the database is not the
+        one we were reading (a lagging standby promoted, a restore). Never
+        skip: reset loudly. (Concurrent reads may finish out of order: each is
+        compared with its own starting point, not with the newest head.)"""
         reason = None
-        if self._head is not None and head.id < self._head.id:
-            reason = f"the newest tick went back from {self._head.id} to {head.id}"
+        if known is not None and head.id < known.id:
+            reason = f"the newest tick went back from {known.id} to {head.id}"
         for t in ticks:
             seen = self._ticks.ticks.get(t.id)
             if seen is not None and seen.snapshot != t.snapshot:
@@ -1010,7 +1016,7 @@ class AsyncReader:
                         reply = await self._ticks_between(conn, request.first, request.last)
                     else:
                         reply, floor = await store.fetch_rows(
-                            conn, stream_id, request.start, request.end, request.limit, request.after
+                            conn, stream_id, request.start, request.end, request.limit, request.after_seq
                         )
                         if floor is None:
                             raise _Interrupted("the stream was dropped")

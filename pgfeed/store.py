@@ -42,32 +42,22 @@ class StreamMeta:
 
 AConn = psycopg.AsyncConnection[Any]
 
-_TICKS = "SELECT id, snap::text FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
+_TICKS = "SELECT id, snap::text, seq_lo, seq_hi FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
 
-_ROW_COLUMNS = "e.xid::text::bigint, e.seq, e.created_at, e.key, e.payload"
-
-# One round trip: the stream's floor, then two ordered index range scans —
-# transactions still running at the start tick (every xid of which is below
-# every xid of the second part), then the xids assigned after it. The floor is
-# read in the same snapshot as the rows: if a prune committed before that
-# snapshot the floor says so; if after, the rows are whole.
-_ROWS = f"""
+# One round trip: the stream's floor and the interval's rows in seq order
+# (pgfeed.interval_rows_v2). The floor is read in the same snapshot as the
+# rows: if a prune committed before that snapshot the floor says so; if
+# after, the rows are whole.
+_ROWS = """
 SELECT r.*, f.floor_tick
   FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
-  LEFT JOIN LATERAL (
-    (SELECT {_ROW_COLUMNS} FROM pgfeed.events e
-      WHERE e.stream_id = %(sid)s AND e.xid = ANY(%(running)s::text[]::xid8[])
-        AND (e.xid, e.seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
-      ORDER BY e.xid, e.seq LIMIT %(limit)s)
-    UNION ALL
-    (SELECT {_ROW_COLUMNS} FROM pgfeed.events e
-      WHERE e.stream_id = %(sid)s
-        AND e.xid >= %(lo)s::text::xid8 AND e.xid < %(hi)s::text::xid8
-        AND pg_visible_in_snapshot(e.xid, %(snap)s::pg_snapshot)
-        AND (e.xid, e.seq) > (%(after_xid)s::text::xid8, %(after_seq)s)
-      ORDER BY e.xid, e.seq LIMIT %(limit)s)
-  ) r ON true
-"""  # noqa: S608  # a constant column list, no user input
+  LEFT JOIN LATERAL pgfeed.interval_rows_v2(
+      %(sid)s, %(a)s::pg_snapshot, %(a_lo)s, %(b)s::pg_snapshot, %(b_hi)s, %(after)s, %(limit)s) r ON true
+"""
+
+
+def _tick(i: Any, snap: str, lo: Any, hi: Any) -> Tick:
+    return Tick(int(i), Snapshot.parse(snap), None if lo is None else int(lo), None if hi is None else int(hi))
 
 
 _READ_LIVE = "SELECT * FROM pgfeed.read_live_v2(%s, %s::text[], %s::bigint[], %s::integer)"
@@ -104,21 +94,19 @@ async def read_live(
     head: Tick | None = None
     metas: dict[str, StreamMeta] = {}
     prefetched: Prefetched = {}
-    for tick_id, snap, meta_json, name, x, s, c, k, p, floor in found:
+    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi in found:
         if name is not None:
             rows, _ = prefetched.setdefault(name, ([], int(floor)))
             if x is not None:
                 rows.append(StoredRow(x, s, c, k, p))
         elif meta_json is not None:
             if tick_id is not None:
-                head = Tick(int(tick_id), Snapshot.parse(snap))
+                head = _tick(tick_id, snap, lo, hi)
             metas = {
                 n: StreamMeta(int(v[0]), int(v[1]), int(v[2]), str(v[3])) for n, v in json.loads(meta_json).items()
             }
         else:
-            ticks.append(Tick(int(tick_id), Snapshot.parse(snap)))
-    for rows, _ in prefetched.values():
-        rows.sort()  # two ordered parts, as in fetch_rows
+            ticks.append(_tick(tick_id, snap, lo, hi))
     return Live(ticks, head, metas, prefetched)
 
 
@@ -175,32 +163,25 @@ async def snapshot_token(conn: AConn) -> CommitToken:
 async def fetch_ticks(conn: AConn, first: int, last: int) -> list[Tick]:
     """Ticks ``first..last`` inclusive, ascending."""
     cur = await conn.execute(_TICKS, (first, last))
-    return [Tick(int(i), Snapshot.parse(s)) for i, s in await cur.fetchall()]
+    return [_tick(*row) for row in await cur.fetchall()]
 
 
 async def fetch_rows(
-    conn: AConn,
-    stream_id: int,
-    start: Snapshot,
-    end: Snapshot,
-    limit: int,
-    after: tuple[int, int] = (0, 0),
+    conn: AConn, stream_id: int, start: Tick, end: Tick, limit: int, after_seq: int = 0
 ) -> tuple[list[StoredRow], int | None]:
-    """The first ``limit`` rows, in ``(xid, seq)`` order after ``after``, whose
-    xid is visible in ``end`` and not in ``start``; and the stream's floor
-    tick as of that read (None if the stream no longer exists)."""
-    running = [str(x) for x in sorted(start.xip) if end.visible(x) and x >= after[0]]
+    """The first ``limit`` rows, in seq order after ``after_seq``, of interval
+    ``(start, end]``; and the stream's floor tick as of that read (None if the
+    stream no longer exists)."""
     cur = await conn.execute(
         _ROWS,
         {
             "sid": stream_id,
-            "after_xid": after[0],
-            "after_seq": after[1],
+            "a": str(start.snapshot),
+            "a_lo": start.seq_lo,
+            "b": str(end.snapshot),
+            "b_hi": end.seq_hi,
+            "after": after_seq,
             "limit": limit,
-            "running": running,
-            "lo": start.xmax,
-            "hi": max(end.xmax, start.xmax),
-            "snap": str(end),
         },
         binary=True,
     )
@@ -208,6 +189,4 @@ async def fetch_rows(
     if not found:
         return [], None
     rows = [StoredRow(x, s, c, k, p) for x, s, c, k, p, _ in found if x is not None]
-    if running:  # two ordered parts; already in order without them
-        rows.sort()
-    return rows[:limit], int(found[0][5])
+    return rows, int(found[0][5])

@@ -23,7 +23,7 @@ def take_tick(conn: psycopg.Connection[Any]) -> pgfeed.Position:
     around commits with it); returns its position."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        row = conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL)").fetchone()
+        row = conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL, pgfeed._seq_now_v2())").fetchone()
     assert row is not None
     return pgfeed.Position(int(row[0]))
 

@@ -5,10 +5,11 @@ what to deliver and where its position moves.
 
 The correctness argument
 ------------------------
-Every event row records ``xid``, the id of the transaction that wrote it
-(``pg_current_xact_id()``). A *tick* is a row ``(id, snapshot)`` whose snapshot
-was taken by ``pg_current_snapshot()`` while holding one advisory lock, after
-the previous tick committed. Hence:
+Every event row records ``xid``, the id of the transaction that wrote it,
+and ``seq``, drawn from one global sequence when the row is appended (the
+transaction's xid is assigned first). A *tick* is a row ``(id, snapshot,
+seq_lo, seq_hi)`` taken under one advisory lock, after the previous tick
+committed. Hence:
 
 1. Ticks are totally ordered by id, and tick ``n+1``'s snapshot sees every
    transaction tick ``n`` sees: visibility of a given xid is monotonic in the
@@ -23,17 +24,31 @@ the previous tick committed. Hence:
    transaction still running at ``b`` simply belongs to a later interval, so
    out-of-order commits are never skipped and rolled-back allocations never
    stall anything. No timer is involved anywhere.
-4. The order of a stream is ``(tick, xid, seq)``: by interval, then by writing
-   transaction, then by append order. It is a function of durable data only,
-   so every reader in every process sees the same order, and a
-   :class:`Position` names the same prefix in every process.
-5. A long transaction delays only the interval in which it commits; a stream it
+4. The order of a stream is ``(tick, seq)``: by interval, then by append
+   order. It is a function of durable data only, so every reader in every
+   process sees the same order, and a :class:`Position` names the same prefix
+   in every process.
+5. **Causal order.** If transaction T2 appended a row *after* it observed T1's
+   commit (read its rows, waited for its row lock, hit its key), that row's
+   seq was drawn after T1 committed, so after every seq of T1: T1's rows are
+   in the same or an earlier interval (T2 committed later, point 1) and, in
+   the same interval, earlier by seq. Per key, captured changes follow the
+   row lock, so they come in the order the table applied them. A
+   transaction's rows are *not* necessarily contiguous: rows of concurrent
+   transactions in the same interval interleave in append order.
+6. A long transaction delays only the interval in which it commits; a stream it
    has not written to has no row with its xid, so it delays nothing there.
 
-A transaction's rows are contiguous in this order. They may still be split
-across *batches* when there are more of them than the batch size; the
-position then points inside the interval (a "partial" position) and the next
-read resumes after the last delivered ``(xid, seq)``.
+Reading an interval in seq order with bounded work uses the two bounds of a
+tick: ``seq_hi`` (read after the snapshot: no row above it is visible in the
+tick) and ``seq_lo`` (read before the tick's transaction got its xid, with the
+snapshot *closed* to that xid: every row with seq at or below it that the tick
+does not see belongs to a transaction the snapshot lists as running). See
+``pgfeed.interval_rows_v2``.
+
+Rows of one interval may be split across *batches* when there are more of
+them than the batch size; the position then points inside the interval (a
+"partial" position ``n.seq``) and the next read resumes after that seq.
 """
 
 from __future__ import annotations
@@ -84,50 +99,58 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Tick:
-    """A numbered snapshot, shared by every reader."""
+    """A numbered snapshot, shared by every reader, with its seq bounds
+    (None on ticks of the previous release)."""
 
     id: int
     snapshot: Snapshot
+    seq_lo: int | None = None
+    seq_hi: int | None = None
 
 
 class Position(NamedTuple):
     """A point in a stream's order; rendered as a token string.
 
     ``Position(n)`` (token ``"n"``) covers every interval up to and including
-    tick ``n``. ``Position(n, xid, seq)`` (token ``"n.xid.seq"``) covers the
-    intervals before ``n`` and those rows of interval ``n`` up to ``(xid,
-    seq)``. Positions compare in stream order (a named tuple: one is created
-    per delivered row, so it must be cheap).
+    tick ``n``. ``Position(n, seq)`` (token ``"n.seq"``) covers the intervals
+    before ``n`` and the rows of interval ``n`` up to and including ``seq``.
+    Positions compare in stream order (a named tuple: one is created per
+    delivered row, so it must be cheap).
     """
 
     tick: int
-    xid: int = COMPLETE
     seq: int = COMPLETE
 
     @property
     def complete(self) -> bool:
         """True when the position sits on a tick boundary."""
-        return self.xid == COMPLETE
+        return self.seq == COMPLETE
 
     @classmethod
     def parse(cls, token: str) -> Position:
         """Parse a token; raise :class:`TokenError` naming the accepted forms."""
         parts = token.strip().split(".") if isinstance(token, str) else []
-        if len(parts) in (1, 3) and all(p.isdigit() and p.isascii() and len(p) <= 19 for p in parts):
-            numbers = [int(p) for p in parts]
-            if all(n < COMPLETE for n in numbers):
-                if len(numbers) == 1:
-                    return cls(numbers[0])
-                return cls(numbers[0], numbers[1], numbers[2])
+        if all(p.isdigit() and p.isascii() and len(p) <= 19 for p in parts) and all(int(p) < COMPLETE for p in parts):
+            if len(parts) == 1:
+                return cls(int(parts[0]))
+            if len(parts) == 2:
+                return cls(int(parts[0]), int(parts[1]))
+            if len(parts) == 3:
+                n = int(parts[0])
+                raise TokenError(
+                    f"position token {token!r} is a partial position of pgfeed 0.1, whose order inside a tick "
+                    f"differs: resume from {max(n - 1, 0)} to receive tick {n} again (some rows twice), "
+                    f"or from {n} to skip the rest of it"
+                )
         raise TokenError(
-            f"malformed position token {token!r}: expected TICK or TICK.XID.SEQ "
-            "(non-negative integers), as printed by pgfeed"
+            f"malformed position token {token!r}: expected TICK or TICK.SEQ (non-negative integers), "
+            "as printed by pgfeed"
         )
 
     def __str__(self) -> str:
         if self.complete:
             return str(self.tick)
-        return f"{self.tick}.{self.xid}.{self.seq}"
+        return f"{self.tick}.{self.seq}"
 
 
 class RowLike(Protocol):
@@ -181,20 +204,20 @@ def plan_window(window: Sequence[Tick], rows: Sequence[R], limit: int) -> Planne
 
     ``window`` holds consecutive ticks after the reader's position (ascending,
     non-empty). ``rows`` are the first ``limit + 1`` (at most) rows of interval
-    ``(position, window[-1]]`` in ``(xid, seq)`` order.
+    ``(position, window[-1]]`` in seq order.
 
     If all rows fit, every row gets its tick and the reader moves to the end of
-    the window. Otherwise the rows not fetched all have ``xid >= x`` where
-    ``x`` is the xid of the first row beyond the limit; a tick whose
-    ``xmax <= x`` cannot see any of them, so every interval up to the last such
+    the window. Otherwise the rows not fetched all have ``seq >= s`` where
+    ``s`` is the seq of the first row beyond the limit; a tick whose
+    ``seq_hi < s`` cannot see any of them, so every interval up to the last such
     tick is fully inside what was fetched and can be delivered whole.
     """
     if not window:
         raise ValueError("empty tick window")
     if len(rows) <= limit:
         return Planned(_order(window, rows), Position(window[-1].id))
-    cut_xid = rows[limit].xid
-    cut = bisect.bisect_right([t.snapshot.xmax for t in window], cut_xid)
+    cut_seq = rows[limit].seq
+    cut = bisect.bisect_left([_seq_hi(t) for t in window], cut_seq)
     if cut == 0:
         return Planned([], None)
     settled = window[:cut]
@@ -207,13 +230,16 @@ def plan_interval(tick: int, rows: Sequence[R], limit: int) -> Planned[R]:
     """Plan delivery inside one interval, ending at ``tick``.
 
     ``rows`` are the next ``limit + 1`` (at most) rows of the interval after
-    the reader's position, in ``(xid, seq)`` order.
+    the reader's position, in seq order.
     """
     if len(rows) <= limit:
-        return Planned([(Position(tick, r.xid, r.seq), r) for r in rows], Position(tick))
+        return Planned([(Position(tick, r.seq), r) for r in rows], Position(tick))
     taken = rows[:limit]
-    last = taken[-1]
-    return Planned([(Position(tick, r.xid, r.seq), r) for r in taken], Position(tick, last.xid, last.seq))
+    return Planned([(Position(tick, r.seq), r) for r in taken], Position(tick, taken[-1].seq))
+
+
+def _seq_hi(tick: Tick) -> int:
+    return COMPLETE if tick.seq_hi is None else tick.seq_hi
 
 
 def _order(window: Sequence[Tick], rows: Iterable[R]) -> list[tuple[Position, R]]:
@@ -224,7 +250,7 @@ def _order(window: Sequence[Tick], rows: Iterable[R]) -> list[tuple[Position, R]
         # No tick with xmax <= xid can see it; the first one after usually does.
         i = min(bisect.bisect_right(xmaxes, r.xid), last)
         tick = window[i] if window[i].snapshot.visible(r.xid) else first_visible_tick(window, r.xid, i)
-        placed.append((Position(tick.id, r.xid, r.seq), r))
+        placed.append((Position(tick.id, r.seq), r))
     placed.sort(key=itemgetter(0))
     return placed
 
@@ -239,13 +265,13 @@ class NeedTicks:
 
 @dataclass(frozen=True)
 class NeedRows:
-    """Request: the first ``limit`` rows in ``(xid, seq)`` order after ``after``
-    whose xid is visible in ``end`` and not in ``start``."""
+    """Request: the first ``limit`` rows in seq order after ``after_seq``
+    whose xid is visible in tick ``end`` and not in tick ``start``."""
 
-    start: Snapshot
-    end: Snapshot
+    start: Tick
+    end: Tick
     limit: int
-    after: tuple[int, int] = (0, 0)
+    after_seq: int = 0
 
 
 Request = NeedTicks | NeedRows
@@ -262,26 +288,27 @@ def read_step(pos: Position, head: int, limit: int, tick_window: int) -> Generat
     """
     if not pos.complete:
         prev, cur = yield NeedTicks(pos.tick - 1, pos.tick)
-        rows = yield NeedRows(prev.snapshot, cur.snapshot, limit + 1, (pos.xid, pos.seq))
+        rows = yield NeedRows(prev, cur, limit + 1, pos.seq)
         return plan_interval(pos.tick, rows, limit)
     last = min(head, pos.tick + tick_window)
     ticks = yield NeedTicks(pos.tick, last)
     start, window = ticks[0], ticks[1:]
-    rows = yield NeedRows(start.snapshot, window[-1].snapshot, limit + 1)
+    rows = yield NeedRows(start, window[-1], limit + 1)
     planned: Planned[Any] = plan_window(window, rows, limit)
     if planned.end is not None:
         return planned
-    # Nothing settled: the rows beyond the limit may belong to the first tick.
-    # Typically a large transaction that was running across many ticks fills
-    # the fetch. The ticks before the first one that sees it cannot contain
-    # any of its rows, so read those intervals without it, in one go.
-    blocker = first_visible_tick(window, rows[limit].xid)
-    before = [t for t in window if t.id < blocker.id]
+    # Nothing settled: the first tick may hold more rows than fit. Typically
+    # a large transaction that was running across many ticks fills the fetch
+    # with rows of a later tick: the ticks before the first one that sees any
+    # fetched row hold none of them, so read those intervals without them, in
+    # one go.
+    blocker = min(first_visible_tick(window, r.xid).id for r in rows)
+    before = [t for t in window if t.id < blocker]
     if before:
-        rows = yield NeedRows(start.snapshot, before[-1].snapshot, limit + 1)
+        rows = yield NeedRows(start, before[-1], limit + 1)
         planned = plan_window(before, rows, limit)
         if planned.end is not None:
             return planned
     first = window[0]
-    rows = yield NeedRows(start.snapshot, first.snapshot, limit + 1)
+    rows = yield NeedRows(start, first, limit + 1)
     return plan_interval(first.id, rows, limit)
