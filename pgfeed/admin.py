@@ -103,7 +103,10 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
         result = []
         for sid, name, mode, max_bytes in streams:
             count, last = _q(
-                conn, sql.SQL("SELECT count(*), max(created_at)::text FROM {}").format(_partition(sid))
+                # Through the parent table: readers may read it, not the partitions.
+                conn,
+                "SELECT count(*), max(created_at)::text FROM pgfeed.events WHERE stream_id = %s",
+                (sid,),
             ).fetchone() or (0, None)
             result.append(StreamInfo(name, sid, int(count), head, last, mode, max_bytes))
         return result
@@ -213,6 +216,7 @@ def grant_reader(conn: Conn, role: str) -> None:
             conn.execute(
                 sql.SQL(
                     "GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),"
+                    " pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),"
                     " pgfeed.resolve_token_v2(text) TO {}"
                 ).format(r)
             )

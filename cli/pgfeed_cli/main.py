@@ -356,9 +356,10 @@ def stream() -> None:
     "--notify",
     "notify_mode",
     type=click.Choice(admin.NOTIFY_MODES),
-    default="immediate",
+    default="ticker",
     show_default=True,
-    help="immediate: NOTIFY at each commit; poll: readers rely on polling (no NOTIFY on the write path).",
+    help="ticker: writers only INSERT, the ticker wakes readers; immediate: each commit also NOTIFYs the ticker"
+    " (lowest latency, pays NOTIFY's commit lock); poll: as ticker (kept for compatibility).",
 )
 @pass_ctx
 def stream_create(obj: Context, name: str, max_payload_bytes: int, notify_mode: str) -> None:
@@ -596,6 +597,16 @@ def grant_reader_cmd(obj: Context, role: str) -> None:
     click.echo(f"{role} may read all streams")
 
 
+@grant.command("ticker")
+@click.argument("role")
+@pass_ctx
+def grant_ticker_cmd(obj: Context, role: str) -> None:
+    """Let ROLE run the ticker (`pgfeed daemon`, or readers' embedded ticker)."""
+    with obj.conn("granting") as conn:
+        admin.grant_ticker(conn, role)
+    click.echo(f"{role} may run the ticker")
+
+
 # -- prune --------------------------------------------------------------------
 @cli.command("prune")
 @option(
@@ -606,19 +617,29 @@ def grant_reader_cmd(obj: Context, role: str) -> None:
     metavar="DURATION",
     help="Delete events and ticks older than this (e.g. 7d, 12h, 90m).",
 )
+@option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@option(
+    "--prune-consumers",
+    is_flag=True,
+    help="Also delete what saved consumer positions still need (those consumers reset).",
+)
 @pass_ctx
-def prune_cmd(obj: Context, older_than: float) -> None:
+def prune_cmd(obj: Context, older_than: float, dry_run: bool, prune_consumers: bool) -> None:
     """Delete old events and ticks of every stream.
 
-    Readers positioned before what is kept reset instead of skipping rows.
+    Never past what a saved consumer position still needs, unless
+    --prune-consumers. Readers positioned before what is kept reset instead
+    of skipping rows. `pgfeed daemon --retention` does this on a schedule.
     """
     from pgfeed.retention import prune
 
     with obj.conn("pruning") as conn:
-        result = prune(conn, older_than)
+        result = prune(conn, older_than, protect_consumers=not prune_consumers, dry_run=dry_run)
+    verb = "would prune" if dry_run else "pruned"
     click.echo(
-        f"pruned {result.events_deleted} events and {result.ticks_deleted} ticks;"
-        f" streams now start at tick {result.floor_tick}"
+        f"{verb} {result.events_deleted} events and {result.ticks_deleted} ticks;"
+        f" streams {'would ' if dry_run else ''}start at tick {result.floor_tick}"
+        + ("; held back by a saved consumer position" if result.held_by_consumers else "")
     )
 
 
@@ -769,6 +790,12 @@ def demo(obj: Context, duration: float | None, rate: float, log_path: Path | Non
     from pgfeed_cli.demo import run_demo
 
     run_demo(obj.conninfo, duration=duration, rate=rate, log_path=log_path)
+
+
+# -- daemon (its own module: it is a service, not a one-shot command) ----------
+from pgfeed_cli.daemon_cmd import daemon_cmd  # noqa: E402
+
+cli.add_command(daemon_cmd)
 
 
 def main() -> None:

@@ -142,21 +142,21 @@ def test_ops_limit_the_operations(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: i
 def test_bad_arguments_change_nothing(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
     pgfeed_conn.execute("CREATE VIEW orders_view AS SELECT * FROM orders")
     cases = [
-        (("capture", "nosuch", "--stream", "changes"), 2, "unknown table public.nosuch"),
-        (("capture", "other.orders", "--stream", "changes"), 2, "unknown table other.orders"),
-        (("capture", "orders; DROP TABLE orders", "--stream", "changes"), 2, "unknown table"),
-        (("capture", '"Orders"', "--stream", "changes"), 2, 'unknown table public."Orders"'),
-        (("capture", "orders_view", "--stream", "changes"), 2, "not a table"),
+        (("capture", "nosuch", "--stream", "changes"), 1, "unknown table public.nosuch"),
+        (("capture", "other.orders", "--stream", "changes"), 1, "unknown table other.orders"),
+        (("capture", "orders; DROP TABLE orders", "--stream", "changes"), 1, "unknown table"),
+        (("capture", '"Orders"', "--stream", "changes"), 1, 'unknown table public."Orders"'),
+        (("capture", "orders_view", "--stream", "changes"), 1, "not a table"),
         (("capture", "a.b.c", "--stream", "changes"), 2, "invalid table name"),
-        (("capture", "orders", "--stream", "changes", "--columns", "status,nosuch"), 2, "no column 'nosuch'"),
+        (("capture", "orders", "--stream", "changes", "--columns", "status,nosuch"), 1, "no column 'nosuch'"),
         (("capture", "orders", "--stream", "changes", "--columns", "status,"), 2, "invalid column list"),
-        (("capture", "orders", "--stream", "changes", "--key", "nosuch"), 2, "no column 'nosuch'"),
+        (("capture", "orders", "--stream", "changes", "--key", "nosuch"), 1, "no column 'nosuch'"),
         (("capture", "orders", "--stream", "changes", "--ops", "truncate"), 2, "invalid operations 'truncate'"),
         (("capture", "orders", "--stream", "changes", "--ops", ""), 2, "invalid operations"),
         (("capture", "orders", "--stream", "changes", "--ops", "insert,,delete"), 2, "invalid operations"),
         (("capture", "orders", "--stream", "nosuch"), 1, "unknown stream 'nosuch'"),
         (("capture", "orders", "--stream", "Bad-Name"), 2, "invalid stream name"),
-        (("uncapture", "nosuch", "--stream", "changes"), 2, "unknown table public.nosuch"),
+        (("uncapture", "nosuch", "--stream", "changes"), 1, "unknown table public.nosuch"),
         (("uncapture", "orders", "--stream", "nosuch"), 1, "unknown stream 'nosuch'"),
     ]
     for args, code, message in cases:
@@ -171,7 +171,7 @@ def test_bad_arguments_change_nothing(pgfeed_cmd: Run, pgfeed_conn: Conn, change
 def test_a_table_without_primary_key_needs_key(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
     pgfeed_conn.execute("CREATE TABLE audit (tenant text, n int, what text)")
     refused = pgfeed_cmd("capture", "audit", "--stream", "changes")
-    assert refused.exit_code == 2
+    assert refused.exit_code == 1
     line = one_line_error(refused)
     assert "public.audit has no primary key" in line
     assert "--key" in line
@@ -327,7 +327,7 @@ def test_quoted_mixed_case_names(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: in
         {"op": "insert", "table": "Shop.Order Lines", "key": {"LineId": 1}, "row": {"Qty": 2}}
     ]
     unquoted = pgfeed_cmd("capture", "Shop.Order Lines", "--stream", "changes")
-    assert unquoted.exit_code == 2
+    assert unquoted.exit_code == 1
     assert 'unknown table shop."order lines"' in one_line_error(unquoted)
     removed = pgfeed_cmd("uncapture", '"Shop"."Order Lines"', "--stream", "changes")
     assert removed.stdout == 'removed capture of "Shop"."Order Lines" into changes\n'

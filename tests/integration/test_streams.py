@@ -69,7 +69,7 @@ def test_create_list_drop(pgfeed_cmd: Run, pgfeed_conn: psycopg.Connection[Any])
     assert created.stdout == "created stream orders\n"
     sid = streams(pgfeed_conn)["orders"][0]
     assert f"events_{sid}" in pgfeed_relations(pgfeed_conn)
-    assert streams(pgfeed_conn)["orders"] == (sid, 1048576, "immediate")
+    assert streams(pgfeed_conn)["orders"] == (sid, 1048576, "ticker")
 
     with pgfeed_conn.transaction():
         pgfeed_conn.execute("SELECT pgfeed.append('orders', '{\"id\": 1}'::jsonb)")
@@ -83,7 +83,7 @@ def test_create_list_drop(pgfeed_cmd: Run, pgfeed_conn: psycopg.Connection[Any])
     assert set(by_name) == {"caches", "orders"}
     assert by_name["orders"][1] == "2"
     assert by_name["caches"][1] == "0"
-    assert by_name["orders"][3] == "immediate"
+    assert by_name["orders"][3] == "ticker"
 
     take_tick(pgfeed_conn)  # what the ticker does once rows commit
     as_json = pgfeed_cmd("stream", "list", "--json")
@@ -92,7 +92,7 @@ def test_create_list_drop(pgfeed_cmd: Run, pgfeed_conn: psycopg.Connection[Any])
     assert set(infos) == {"caches", "orders"}
     orders = infos["orders"]
     assert orders["rows"] == 2
-    assert orders["notify_mode"] == "immediate"
+    assert orders["notify_mode"] == "ticker"
     assert orders["max_payload_bytes"] == 1048576
     assert orders["id"] == sid
     assert orders["last_append"] is not None
@@ -156,7 +156,7 @@ def test_create_options(pgfeed_cmd: Run, pgfeed_conn: psycopg.Connection[Any]) -
     assert pgfeed_cmd("stream", "create", "quiet", "--notify", "poll").exit_code == 0
     assert pgfeed_cmd("stream", "create", "loud", "--notify", "immediate").exit_code == 0
     got = streams(pgfeed_conn)
-    assert got["small"][1:] == (100, "immediate")
+    assert got["small"][1:] == (100, "ticker")
     assert got["quiet"][1:] == (1048576, "poll")
     assert got["loud"][1:] == (1048576, "immediate")
     infos = {i["name"]: i for i in json.loads(pgfeed_cmd("stream", "list", "--json").stdout)}
