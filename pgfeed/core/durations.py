@@ -14,5 +14,7 @@ def parse_duration(text: str) -> float:
     """Seconds in ``text``; a number with a unit ms, s, m, h or d."""
     m = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
     if m is None:
-        raise UsageError(f"invalid duration {text!r}: expected a number and a unit ms, s, m, h or d, e.g. 7d, 90m or 50ms")
+        raise UsageError(
+            f"invalid duration {text!r}: expected a number and a unit ms, s, m, h or d, e.g. 7d, 90m or 50ms"
+        )
     return float(m.group(1)) * _UNITS[m.group(2)]
