@@ -368,7 +368,28 @@ class _Demo:
             f"reader a (pid {pids['a']}, AsyncReader) and reader b (pid {pids['b']}, Reader) follow it "
             f"from position {self.order.floor}. Ctrl-C to stop."
         )
+        self.say(self._ticker_line(pids))
         self.say(_status_header())
+
+    def _ticker_line(self, pids: dict[str, int]) -> str:
+        """Who ticks: a daemon if one runs, else one reader's embedded ticker."""
+        from pgfeed import connect
+
+        try:
+            with connect.connect(self.conninfo, doing="reading the ticker lease") as conn:
+                row = conn.execute(
+                    "SELECT holder, kind, term FROM pgfeed.ticker WHERE expires_at > clock_timestamp()"
+                ).fetchone()
+        except Exception as exc:  # the demo goes on without this line
+            return f"ticker: unknown ({_one_line(exc)})"
+        if row is None:
+            return "ticker: none leads yet (readers poll until one does)"
+        holder, kind, term = row
+        if kind == "daemon":
+            return f"ticker: {holder} (term {term}); readers and writer never tick"
+        owner = next((n for n, pid in pids.items() if str(holder).endswith(f"pid {pid}")), None)
+        who = f"reader {owner}'s embedded ticker" if owner else str(holder)
+        return f"ticker: {who} (term {term}) ticks for everyone; a `pgfeed daemon` would take over"
 
     def _live(self, duration: float | None) -> None:
         next_status = self.started + 1.0
