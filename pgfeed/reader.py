@@ -389,6 +389,14 @@ class Subscription:
         self._idle_target = None
         self._handed = None
 
+    async def _deliver(self, rows: list[Row], end: Position) -> None:
+        """Queue a batch (the reset batch first fires ``on_reset``)."""
+        reason, self._pending_reset = self._pending_reset, None
+        if reason is not None:
+            await self._reader._fire_reset(self.stream, reason)
+        self._outstanding.append(end)
+        await self._queue.put(Batch(self.stream, rows, end, reset=reason is not None))
+
     async def _pump_once(self) -> bool:
         """One planning step; return True when ``until`` is reached."""
         reader = self._reader
@@ -402,6 +410,10 @@ class Subscription:
         assert self._meta is not None
         assert self._fetch is not None
         if self._fetch.complete and self._fetch.tick >= head.id:
+            if self._pending_reset is not None:
+                # Nothing to read yet (a recreated stream, no tick since): the
+                # consumer must still learn of the break now, not at the next row.
+                await self._deliver([], self._fetch)
             return False
         epoch = self._epoch
         try:
@@ -422,12 +434,7 @@ class Subscription:
         rows = [Row(self.stream, pos, r.payload, r.key, r.created_at, r.xid, r.seq) for pos, r in planned.rows]
         self._fetch = end
         if rows or self._pending_reset:
-            reason, self._pending_reset = self._pending_reset, None
-            if reason is not None:
-                await reader._fire_reset(self.stream, reason)
-            batch = Batch(self.stream, rows, end, reset=reason is not None)
-            self._outstanding.append(end)
-            await self._queue.put(batch)
+            await self._deliver(rows, end)
         elif self._outstanding or self._handed is not None:
             self._idle_target = end
         else:
