@@ -130,7 +130,10 @@ class Ticker:
             try:
                 await self._session(conn, backoff)
             except (psycopg.OperationalError, OSError, TimeoutError) as exc:
-                self._lost(f"connection lost: {_one_line(exc)}")
+                # Keep the term: the next session renews it first, which
+                # succeeds only if nobody took the lease meanwhile (the fence
+                # holds), so a dropped connection costs a reconnect, not a
+                # lease-long outage.
                 self.stats.reconnects += 1
                 delay = backoff.next_delay()
                 log.warning("ticker connection lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))

@@ -626,12 +626,6 @@ def test_postgres_restart_under_the_daemon_it_reconnects_and_keeps_ticking(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgfeed/ticker.py Ticker.run drops its term on any connection loss (self._lost, line 133) and "
-    "ticker_claim_v2 only takes an expired lease, so the sole leader waits out its own lease: no ticks for "
-    "lease + a claim interval (about 12 s with the default 10 s lease) after one dropped connection",
-)
 @pytest.mark.timeout(60)
 def test_dropped_ticker_connection_costs_no_lease_long_outage(
     pgfeed_dsn: str, stream: str, daemons: Callable[..., Daemon]
