@@ -1,0 +1,309 @@
+"""The database replaced under pgfeed: a logical restore into a fresh cluster
+(pg_dump / pg_restore: the transaction ids start again lower), a physical
+restore (a base backup started as a new server) and pg_upgrade to newer
+majors (both keep the transaction ids)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from ticking import daemon, wait_for_leader
+
+import pgfeed
+from pgfeed import admin
+from pgfeed.testing import TestServerError, _bin_version, find_pg_bin
+
+from .servers import Server, bin_dirs, either, pg_bin, pg_upgrade, restore_base_backup, servers, tool
+from .workload import Follower, Writers, assert_in_order, end_marker, stored_rows
+
+pytestmark = pytest.mark.timeout(180)
+
+STREAM = "orders"
+Id = tuple[str, int, int]
+
+
+def _newest_tick(dsn: str) -> tuple[int, int]:
+    """(id, snapshot xmax) of the newest tick."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT id, pg_snapshot_xmax(snap)::text::bigint FROM pgfeed.ticks ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+# -- pg_dump / pg_restore into a fresh cluster -------------------------------
+
+
+@dataclass
+class Restored:
+    old_rows: int = 0
+    source_xmax: int = 0
+    target_xmax: int = 0
+    saved: str = ""
+    newest_before: int = 0
+    newest_after: int = 0
+    daemon_exit: int | None = None
+    daemon_stderr: str = ""
+    new_rows: list[Id] = field(default_factory=list)
+    wait_for: str = ""  # what a reader's wait_for did with the last new row's commit token
+    held_at_return: bool = False
+    followers: dict[str, Follower] = field(default_factory=dict)
+
+    def report(self) -> str:
+        lines = [
+            f"dump/restore: {self.old_rows} rows restored; source xids up to {self.source_xmax}, the fresh "
+            f"cluster's at {self.target_xmax}; newest tick {self.newest_before} before, {self.newest_after} after "
+            f"{len(self.new_rows)} new commits; daemon exit {self.daemon_exit}, its last stderr line: "
+            f"{self.daemon_stderr.strip().splitlines()[-1] if self.daemon_stderr.strip() else '(none)'}",
+            f"  wait_for(last new commit) on the resumed reader: {self.wait_for} "
+            f"(row held then: {self.held_at_return})",
+        ]
+        new = set(self.new_rows)
+        for f in self.followers.values():
+            lines.append(f"  {f.summary()}; new rows held {len(new & set(f.ids))} of {len(new)}")
+        return "\n".join(lines)
+
+
+async def _dump_restore(bin_dir: Path, tmp: Path) -> Restored:
+    out = Restored()
+    with servers() as made:
+        source = Server(bin_dir, "source")
+        made.append(source)
+        source.init()
+        src = source.create_database("feed")
+        with psycopg.connect(src, autocommit=True) as conn:
+            admin.create_stream(conn, STREAM)
+        source.burn_xids(3000, "feed")  # a cluster that has lived a little
+        with daemon(src):
+            writers = Writers(src, STREAM, "old", count=4, per_writer=10).start()
+            await asyncio.to_thread(writers.join)
+            follower = await Follower("source", src, STREAM).start()
+            try:
+                await follower.wait_for(end_marker(src, STREAM))
+                out.saved = str(follower.sub.position)
+            finally:
+                await follower.close()
+        out.old_rows = len(stored_rows(src, STREAM))
+        out.newest_before, out.source_xmax = _newest_tick(src)
+        dump = tmp / "feed.dump"
+        done = tool(bin_dir, "pg_dump", "-Fc", "-h", "127.0.0.1", "-p", str(source.port), "-U", "postgres",
+                    "-d", "feed", "-f", str(dump))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        source.stop()
+
+        target = Server(bin_dir, "fresh")
+        made.append(target)
+        target.init()
+        dst = target.create_database("feed", migrated=False)
+        done = tool(bin_dir, "pg_restore", "-h", "127.0.0.1", "-p", str(target.port), "-U", "postgres",
+                    "-d", "feed", "--exit-on-error", str(dump))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out.target_xmax = target.xmax("feed")
+        assert out.target_xmax < out.source_xmax, "the fresh cluster's xids are not behind the restored ticks"
+        assert len(stored_rows(dst, STREAM)) == out.old_rows
+
+        out.followers = {
+            "resumed": await Follower("resumed", dst, STREAM, since=out.saved).start(),
+            "earliest": await Follower("earliest", dst, STREAM).start(),
+        }
+        try:
+            with daemon(dst, wait=False) as proc:
+                token = None
+                with psycopg.connect(dst, autocommit=True) as conn:
+                    for i in range(30):
+                        with conn.transaction():
+                            pgfeed.append(conn, STREAM, {"phase": "new", "w": 0, "i": i})
+                        out.new_rows.append(("new", 0, i))
+                        token = pgfeed.commit_token(conn)
+                try:
+                    out.daemon_exit = await asyncio.to_thread(proc.wait, 30)
+                finally:
+                    assert proc.stderr is not None
+                    out.daemon_stderr = proc.stderr.read() if proc.poll() is not None else "(still running)"
+            out.newest_after = _newest_tick(dst)[0]
+            resumed = out.followers["resumed"]
+            try:
+                pos = await resumed.wait_for(token, timeout=5)
+                out.wait_for = f"returned {pos}"
+                out.held_at_return = ("new", 0, 29) in resumed.ids
+            except (AssertionError, pgfeed.PgfeedError) as exc:
+                out.wait_for = f"{type(exc).__name__}: {exc}"
+        finally:
+            for f in out.followers.values():
+                await f.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def restored(tmp_path_factory: pytest.TempPathFactory) -> Restored:
+    bin_dir = pg_bin("pg_dump", "pg_restore")
+    out = asyncio.run(_dump_restore(bin_dir, tmp_path_factory.mktemp("dump")))
+    print("\n" + out.report())
+    return out
+
+
+def test_the_daemon_refuses_to_tick_on_a_restored_database_in_one_line(restored: Restored) -> None:
+    assert restored.daemon_exit not in (None, 0), restored.daemon_stderr
+    assert "Traceback" not in restored.daemon_stderr
+    errors = [line for line in restored.daemon_stderr.splitlines() if line.startswith("pgfeed: error: ")]
+    assert len(errors) == 1, restored.daemon_stderr
+    assert restored.daemon_stderr.strip().splitlines()[-1] == errors[0]
+    assert "refusing to tick" in errors[0], errors[0]
+    assert "behind the newest tick" in errors[0], errors[0]
+    assert restored.newest_after == restored.newest_before, "a tick was written on snapshots that went back"
+
+
+def test_readers_on_the_restored_database_deliver_no_row_out_of_order(restored: Restored) -> None:
+    """Without ticks the new rows are not delivered (the database needs a
+    repair first); the old ones are, in order, and nothing is reset."""
+    resumed, earliest = restored.followers["resumed"], restored.followers["earliest"]
+    assert resumed.ids == [], resumed.summary()
+    assert resumed.reset_batches == 0, resumed.summary()
+    assert len(earliest.ids) == restored.old_rows, earliest.summary()
+    assert earliest.reset_batches == 0, earliest.summary()
+    assert_in_order(earliest)
+    assert not set(restored.new_rows) & set(earliest.ids)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: on a restored database whose xids went back, a new commit's 'x<xid>' token counts as "
+    "covered by the newest (restored) tick, its xid being below that snapshot's xmin (AsyncReader."
+    "_resolve_commit decides so from the cached head; resolve_token_v2 would too), so wait_for returns at "
+    "once, though no tick covers the row and it is never delivered; no error anywhere",
+)
+def test_wait_for_on_a_restored_database_does_not_return_before_the_row_is_delivered(restored: Restored) -> None:
+    assert not restored.wait_for.startswith("returned") or restored.held_at_return, (
+        f"wait_for {restored.wait_for}, but the row was not delivered"
+    )
+
+
+# -- a physical restore and pg_upgrade keep the transaction ids --------------
+
+
+@dataclass
+class Continued:
+    """A feed carried over to a replacement server with the same history."""
+
+    before: list[Id] = field(default_factory=list)
+    after: list[Id] = field(default_factory=list)
+    stored: list[Id] = field(default_factory=list)
+    saved: str = ""
+    followers: dict[str, Follower] = field(default_factory=dict)
+    version: str = ""
+
+    def report(self, what: str) -> str:
+        lines = [
+            f"{what}: {len(self.before)} rows before, {len(self.after)} after; new server {self.version} holds "
+            f"{len(self.stored)}; resumed from {self.saved}"
+        ]
+        lines += [f"  {f.summary()}" for f in self.followers.values()]
+        return "\n".join(lines)
+
+
+async def _carry_over(source: Server, replacement: Server, replace: Any) -> Continued:
+    """Feed on ``source``; ``replace()`` makes ``replacement`` its successor;
+    the feed goes on there. A live follower connects through a DSN listing
+    both servers; a reader resumes from the token it had reached."""
+    out = Continued()
+    src = source.create_database("feed")
+    with psycopg.connect(src, autocommit=True) as conn:
+        admin.create_stream(conn, STREAM)
+    dst = replacement.dsn("feed")
+    both = either(source, replacement, "feed")
+    live = await Follower("live", both, STREAM).start()
+    out.followers["live"] = live
+    try:
+        with daemon(src):
+            writers = Writers(src, STREAM, "before", count=4, per_writer=20).start()
+            await asyncio.to_thread(writers.join)
+            assert not writers.errors
+            out.before = writers.committed
+            await live.wait_for(end_marker(src, STREAM))
+            out.saved = str(live.sub.position)
+        await asyncio.to_thread(replace)
+        out.version = str(replacement.query("SHOW server_version")[0][0])
+        with daemon(dst, wait=False):
+            await asyncio.to_thread(wait_for_leader, dst, kind="daemon")
+            writers = Writers(dst, STREAM, "after", count=4, per_writer=20).start()
+            await asyncio.to_thread(writers.join)
+            assert not writers.errors
+            out.after = writers.committed
+            resumed = await Follower("resumed", dst, STREAM, since=out.saved).start()
+            out.followers["resumed"] = resumed
+            token = end_marker(dst, STREAM)
+            await live.wait_for(token)
+            await resumed.wait_for(token)
+        out.stored = stored_rows(dst, STREAM)
+    finally:
+        for f in out.followers.values():
+            await f.close()
+    return out
+
+
+def _check_continued(out: Continued) -> None:
+    live, resumed = out.followers["live"], out.followers["resumed"]
+    assert sorted(out.stored) == sorted(out.before + out.after)
+    assert live.reset_batches == 0, live.summary()
+    assert resumed.reset_batches == 0, resumed.summary()
+    assert sorted(live.ids) == sorted(out.stored), live.summary()
+    assert len(live.delivered) == len(out.stored), "the live follower delivered rows twice"
+    assert sorted(resumed.ids) == sorted(out.after), resumed.summary()  # exactly the rows after the token
+    assert_in_order(live)
+    assert_in_order(resumed)
+    tail = [(r.position, r.xid, r.seq) for r in live.rows if r.payload["phase"] == "after"]
+    assert [(r.position, r.xid, r.seq) for r in resumed.rows] == tail
+
+
+async def test_a_base_backup_restored_as_a_new_server_continues_the_feed_with_no_reset() -> None:
+    bin_dir = pg_bin("pg_basebackup")
+    with servers() as made:
+        source = Server(bin_dir, "source")
+        restored = Server(bin_dir, "restored")
+        made += [source, restored]
+        source.init()
+
+        def replace() -> None:
+            restore_base_backup(source, restored)
+            source.stop()
+
+        out = await _carry_over(source, restored, replace)
+    print("\n" + out.report("base backup"))
+    _check_continued(out)
+
+
+def _upgrade_targets() -> list[str]:
+    """Majors newer than the local binaries the tests use (collected without starting anything)."""
+    try:
+        found = find_pg_bin()
+    except TestServerError:
+        found = None
+    old = _bin_version(found) if found is not None else ""
+    newer = [v for v in bin_dirs() if v.isdigit() and old.isdigit() and int(v) > int(old)]
+    return sorted(newer, key=int) or ["none"]
+
+
+@pytest.mark.parametrize("target", _upgrade_targets())
+async def test_pg_upgrade_to_a_newer_major_continues_the_feed_with_no_reset(target: str) -> None:
+    bin_dir = pg_bin("pg_basebackup")
+    old_major = _bin_version(bin_dir)
+    newer = {v: p for v, p in bin_dirs().items() if v.isdigit() and old_major.isdigit() and int(v) > int(old_major)}
+    if target not in newer:
+        pytest.skip(f"pg_upgrade needs a PostgreSQL newer than {old_major} ({bin_dir}); found none locally")
+    if not (newer[target] / "pg_upgrade").exists():
+        pytest.skip(f"no pg_upgrade in {newer[target]}")
+    with servers() as made:
+        source = Server(bin_dir, f"pg{old_major}")
+        upgraded = Server(newer[target], f"pg{target}")
+        made += [source, upgraded]
+        source.init()
+        out = await _carry_over(source, upgraded, lambda: pg_upgrade(source, upgraded))
+    print("\n" + out.report(f"pg_upgrade {old_major} -> {target}"))
+    assert out.version.split(".")[0] == target
+    _check_continued(out)
