@@ -438,6 +438,10 @@ BEGIN
     SELECT t.id, t.snap INTO head_id, head_snap FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
     IF token ~ '^x[0-9]{1,19}$' THEN
         x := substr(token, 2)::xid8;
+        -- A hot standby may not have replayed it yet: wait, do not refuse.
+        IF x >= pg_snapshot_xmax(pg_current_snapshot()) AND pg_is_in_recovery() THEN
+            RETURN NULL;
+        END IF;
         IF pg_xact_status(x) IS NOT DISTINCT FROM 'in progress' THEN
             RETURN NULL;
         END IF;
@@ -449,6 +453,9 @@ BEGIN
     ELSIF token ~ '^s[0-9]+:[0-9]+:[0-9,]*$' THEN
         snap := substr(token, 2)::pg_snapshot;
         IF pg_snapshot_xmax(snap) > pg_snapshot_xmax(pg_current_snapshot()) THEN
+            IF pg_is_in_recovery() THEN
+                RETURN NULL;
+            END IF;
             RAISE EXCEPTION 'pgfeed: commit token % is beyond anything this database has issued', token
                 USING ERRCODE = 'PF003';
         END IF;
@@ -525,7 +532,8 @@ RETURNS TABLE (
     payload    jsonb,
     floor_tick bigint,
     seq_lo     bigint,
-    seq_hi     bigint
+    seq_hi     bigint,
+    server_xmax bigint
 )
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -542,7 +550,7 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
     RETURN QUERY SELECT t.id, t.snap::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-                        NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint, t.seq_lo, t.seq_hi
+                        NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint, t.seq_lo, t.seq_hi, NULL::bigint
                    FROM pgfeed.ticks t WHERE t.id >= known ORDER BY t.id LIMIT 1000;
     SELECT t.id, t.snap, t.seq_lo, t.seq_hi INTO head_id, b_snap, head_lo, b_hi
       FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
@@ -550,7 +558,10 @@ BEGIN
         (SELECT coalesce(json_object_agg(st.name, json_build_array(st.id, st.created_tick, st.floor_tick, st.notify_mode)), '{}')
            FROM pgfeed.streams st WHERE st.name = ANY (streams))::text,
         NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint,
-        head_lo, b_hi;
+        head_lo, b_hi,
+        -- The server's own horizon: behind the newest tick means this is not
+        -- the database that took it (a dump restored into a new cluster).
+        pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
     IF head_id IS NULL OR head_id <> known + 1 THEN
         RETURN;
     END IF;
@@ -564,10 +575,11 @@ BEGIN
         CONTINUE WHEN a_snap IS NULL;
         -- A marker row carries the floor even when the interval is empty.
         RETURN QUERY SELECT head_id, NULL::text, NULL::text, s.name, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz, NULL::text, NULL::jsonb, s.floor, NULL::bigint, NULL::bigint;
+                            NULL::timestamptz, NULL::text, NULL::jsonb, s.floor, NULL::bigint, NULL::bigint,
+                            NULL::bigint;
         RETURN QUERY
             SELECT head_id, NULL::text, NULL::text, s.name, r.xid, r.seq, r.created_at, r.key, r.payload, s.floor,
-                   NULL::bigint, NULL::bigint
+                   NULL::bigint, NULL::bigint, NULL::bigint
               FROM pgfeed.interval_rows_v2(s.sid, a_snap, a_lo, b_snap, b_hi, 0, lim + 1) r;
     END LOOP;
 END $$;

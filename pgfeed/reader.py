@@ -185,7 +185,10 @@ class Subscription:
         self._since = since
         self._until_spec = until
         self._until: Position | None = None
-        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(1, queue_batches))
+        #: Batches tagged with the epoch they were read in; a reset bumps the
+        #: epoch, so a batch that got in after it (its put was waiting for
+        #: room) is dropped instead of delivered from the old history.
+        self._queue: asyncio.Queue[tuple[int, Batch] | None] = asyncio.Queue(maxsize=max(1, queue_batches))
         self._fetch: Position | None = None  # read-ahead position
         self._acked: Position | None = None  # delivered position
         self._outstanding: list[Position] = []
@@ -210,16 +213,19 @@ class Subscription:
 
     async def __anext__(self) -> Batch:
         self._ack()
-        if self._closed and self._queue.empty():
-            raise StopAsyncIteration
-        batch = await self._queue.get()
-        if batch is None:
-            self._closed = True
-            if self._failure is not None:
-                raise self._failure
-            raise StopAsyncIteration
-        self._handed = batch
-        return batch
+        while True:
+            if self._closed and self._queue.empty():
+                raise StopAsyncIteration
+            item = await self._queue.get()
+            if item is None:
+                self._closed = True
+                if self._failure is not None:
+                    raise self._failure
+                raise StopAsyncIteration
+            epoch, batch = item
+            if epoch == self._epoch:
+                self._handed = batch
+                return batch
 
     def _ack(self) -> None:
         if self._handed is None:
@@ -391,11 +397,12 @@ class Subscription:
 
     async def _deliver(self, rows: list[Row], end: Position) -> None:
         """Queue a batch (the reset batch first fires ``on_reset``)."""
+        epoch = self._epoch
         reason, self._pending_reset = self._pending_reset, None
         if reason is not None:
             await self._reader._fire_reset(self.stream, reason)
         self._outstanding.append(end)
-        await self._queue.put(Batch(self.stream, rows, end, reset=reason is not None))
+        await self._queue.put((epoch, Batch(self.stream, rows, end, reset=reason is not None)))
 
     async def _pump_once(self) -> bool:
         """One planning step; return True when ``until`` is reached."""
@@ -403,7 +410,7 @@ class Subscription:
         assert self._fetch is not None
         if self._until is not None and self._fetch >= self._until:
             return True
-        head, metas = await reader._wait_head(self._fetch)
+        head, metas = await reader._wait_head(self)
         if not self._check_stream(metas):
             await reader._wait_tick_after(head.id)
             return False
@@ -480,6 +487,7 @@ class AsyncReader:
         if ticker not in ("auto", "off"):
             raise UsageError(f"invalid ticker {ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'")
         self.ticker_mode = ticker
+        self._broken: str | None = None  # why this database cannot be trusted (see _tick_now)
         self.ticker_lease = ticker_lease
         self._ticker: Ticker | None = None
         self._conninfo_arg = conninfo
@@ -733,6 +741,8 @@ class AsyncReader:
         seconds. Raises only :class:`PgfeedError` subclasses.
         """
         self._require_open()
+        if self._broken is not None:
+            raise PgfeedError(self._broken)
         commit = token if isinstance(token, CommitToken) else None
         if isinstance(token, str):
             commit = CommitToken.parse(token)
@@ -896,6 +906,16 @@ class AsyncReader:
         head = live.head
         if head is None:
             raise PgfeedError("pgfeed.ticks is empty: run `pgfeed migrate` (it takes the first tick)")
+        if live.server_xmax < head.snapshot.xmax:
+            # Restored into a new cluster: its xids are below the restored
+            # ticks', so every new transaction would look long covered.
+            self._broken = (
+                f"this database's transaction ids ({live.server_xmax}) are behind its newest tick {head.id} "
+                f"({head.snapshot.xmax}): it is not the database the ticks were taken on (restored into a new "
+                "cluster?); pgfeed refuses to deliver or confirm anything on it"
+            )
+            log.error("history changed; refusing to read", reason=self._broken)
+            raise PgfeedError(self._broken)
         self._check_history(live.ticks, head, started_at)
         if known is not None and head.id == known + 1:
             self._prefetched = {(name, known): found for name, found in live.prefetched.items()}
@@ -963,11 +983,15 @@ class AsyncReader:
                 await asyncio.sleep(delay)
                 self._wake.set()
 
-    async def _wait_head(self, pos: Position) -> tuple[Tick, dict[str, store.StreamMeta]]:
-        """Wait until there is something past ``pos`` to read."""
+    async def _wait_head(self, sub: Subscription) -> tuple[Tick, dict[str, store.StreamMeta]]:
+        """Wait until ``sub`` has something past its read position, or a reset
+        to deliver (re-checked at each wake-up: a reset moves the position)."""
 
         def ready() -> bool:
-            return self._head is not None and (not pos.complete or self._head.id > pos.tick)
+            pos = sub._fetch
+            if self._head is None or pos is None:
+                return False
+            return sub._pending_reset is not None or not pos.complete or self._head.id > pos.tick
 
         await self._head_changed.wait_until(ready)
         assert self._head is not None
@@ -1064,7 +1088,7 @@ class AsyncReader:
                 self._wake.set()
                 backoff.reset()
                 await self._follow(conn, probe)
-            except psycopg.errors.FeatureNotSupported as exc:
+            except (psycopg.errors.FeatureNotSupported, psycopg.errors.ReadOnlySqlTransaction) as exc:
                 # A hot standby refuses LISTEN: follow by polling instead.
                 self._listener_up.set()
                 log.info("LISTEN refused (a hot standby?); following by polling", error=_one_line(exc))

@@ -77,6 +77,7 @@ class Live:
     head: Tick | None  # the newest tick (None: no tick yet)
     metas: dict[str, StreamMeta]
     prefetched: Prefetched
+    server_xmax: int = 0  # the server's current snapshot xmax
 
 
 async def read_live(
@@ -94,7 +95,8 @@ async def read_live(
     head: Tick | None = None
     metas: dict[str, StreamMeta] = {}
     prefetched: Prefetched = {}
-    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi in found:
+    server_xmax = 0
+    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon in found:
         if name is not None:
             rows, _ = prefetched.setdefault(name, ([], int(floor)))
             if x is not None:
@@ -102,12 +104,13 @@ async def read_live(
         elif meta_json is not None:
             if tick_id is not None:
                 head = _tick(tick_id, snap, lo, hi)
+            server_xmax = int(horizon)
             metas = {
                 n: StreamMeta(int(v[0]), int(v[1]), int(v[2]), str(v[3])) for n, v in json.loads(meta_json).items()
             }
         else:
             ticks.append(_tick(tick_id, snap, lo, hi))
-    return Live(ticks, head, metas, prefetched)
+    return Live(ticks, head, metas, prefetched, server_xmax)
 
 
 async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:

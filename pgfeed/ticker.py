@@ -56,6 +56,10 @@ LEASE_CHANNEL = "pgfeed_v2_ticker"
 Kind = Literal["daemon", "reader"]
 
 
+class _Superseded(Exception):
+    """tick_v2 refused this ticker's term (PF001)."""
+
+
 class TickerUnavailable(PgfeedError):
     """This role or server cannot tick (no ticker grant, read-only, or a standby)."""
 
@@ -233,11 +237,9 @@ class Ticker:
         self.stats.checks += 1
         try:
             row = await self._one(conn, "SELECT id FROM pgfeed.tick_v2(%s)", (self.term,))
-        except pgerrors.RaiseException as exc:
-            if exc.sqlstate == "PF001":  # superseded: fenced off
-                self._lost("another ticker took the lease")
-                return False
-            raise
+        except _Superseded:
+            self._lost("another ticker took the lease")
+            return False
         if row is None:
             return False
         took = loop.time() - started
@@ -262,13 +264,15 @@ class Ticker:
             raise NotMigrated(
                 "the pgfeed schema predates the ticker (pgfeed.ticker_claim_v2 missing): run `pgfeed migrate`"
             ) from None
-        except pgerrors.RaiseException as exc:
-            if exc.sqlstate == "PF002":
-                raise PgfeedError(_one_line(exc).removeprefix("pgfeed: ")) from None
-            raise
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
+            # pgfeed's own SQLSTATEs arrive as whatever class psycopg maps
+            # their class to: match the code, not the class.
+            if exc.sqlstate == "PF001":  # superseded: fenced off
+                raise _Superseded from None
+            if exc.sqlstate == "PF002":  # the database's xids went back
+                raise PgfeedError(_primary(exc)) from None
             raise translate(exc, "ticking") from None
 
     async def _wait(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
@@ -286,6 +290,11 @@ def _shutdown(conn: psycopg.AsyncConnection[Any]) -> None:
     """Cut a connection that stopped answering (a cancel request would hang too)."""
     with contextlib.suppress(OSError):
         socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+
+
+def _primary(exc: psycopg.Error) -> str:
+    diag = exc.diag.message_primary or _one_line(exc)
+    return diag.removeprefix("pgfeed: ")
 
 
 def _one_line(exc: BaseException) -> str:

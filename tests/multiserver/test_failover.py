@@ -403,12 +403,6 @@ def test_wait_for_after_the_failover_returns_only_once_the_row_is_delivered(quie
     assert quiet_failover.first_held, f"wait_for {quiet_failover.first_wait}, but the row was not delivered"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a subscription waiting in AsyncReader._wait_head(pos) when the history change is detected "
-    "keeps waiting for a tick id above its old position: until the new primary's tick ids pass the old "
-    "primary's head it delivers nothing, not even the reset (no on_reset, no batch.reset)",
-)
 def test_an_idle_follower_resets_as_soon_as_it_sees_the_new_history(quiet_failover: QuietOutcome) -> None:
     assert quiet_failover.idle_reset_in_time
 
@@ -423,13 +417,6 @@ def test_an_idle_follower_ends_with_exactly_the_new_primarys_rows(quiet_failover
     assert any("history changed" in r for r in f.reset_reasons), f.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reset while the subscription waits in queue.put (consumer slower than the reader) drains "
-    "the queue, then the pending put inserts the stale batch of the old history (reset=False) after the "
-    "drain; acknowledging it raises ValueError in Subscription._ack (_outstanding was cleared), which "
-    "ends the consumer",
-)
 def test_a_slow_consumer_gets_the_reset_and_then_exactly_the_new_primarys_rows(
     quiet_failover: QuietOutcome,
 ) -> None:

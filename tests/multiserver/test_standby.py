@@ -64,11 +64,6 @@ async def test_a_reader_on_the_standby_delivers_what_a_reader_on_the_primary_doe
     assert sorted(on_standby.ids) == sorted(writers.committed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on a standby that has not replayed the writer's commit yet, wait_for raises FutureToken "
-    "(resolve_token_v2 -> pg_xact_status: 'transaction ID is in the future') instead of waiting for replay",
-)
 async def test_wait_for_on_the_standby_waits_for_a_commit_it_has_not_replayed_yet(
     pair: tuple[Server, Server],
 ) -> None:
@@ -85,7 +80,8 @@ async def test_wait_for_on_the_standby_waits_for_a_commit_it_has_not_replayed_ye
                 token = end_marker(primary.dsn("feed"), STREAM)
                 outcome: Any
                 try:
-                    outcome = await follower.wait_for(token, timeout=1.0)
+                    assert follower.reader is not None
+                    outcome = await follower.reader.wait_for(STREAM, token, timeout=1.0)
                 except pgfeed.PgfeedError as exc:
                     outcome = exc
             finally:
@@ -97,12 +93,6 @@ async def test_wait_for_on_the_standby_waits_for_a_commit_it_has_not_replayed_ye
     assert isinstance(outcome, pgfeed.WaitTimeout), f"{type(outcome).__name__}: {outcome}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a hot standby refuses LISTEN with SQLSTATE 25006 (ReadOnlySqlTransaction), but "
-    "AsyncReader._listen expects FeatureNotSupported, so the listener reconnects in a loop and "
-    "subscribe() waits probe_timeout for a listener that never comes",
-)
 async def test_the_listener_falls_back_to_polling_on_a_standby_at_once(
     pair: tuple[Server, Server], caplog: pytest.LogCaptureFixture
 ) -> None:
