@@ -21,6 +21,17 @@ if "pgfeed.testing" not in {ep.value for ep in entry_points(group="pytest11")}:
     pytest_plugins = ["pgfeed.testing"]
 
 
+#: Folders whose tests build several servers or many processes: marked slow,
+#: so that .ci/run's second pass (another PostgreSQL major) can leave them out.
+SLOW_FOLDERS = ("stress", "multiserver")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(part in SLOW_FOLDERS for part in item.path.parts):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def fresh_db(pgfeed_server: TestServer) -> Iterator[str]:
     """Name of an empty database: pgfeed never migrated into it."""
