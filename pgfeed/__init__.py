@@ -25,7 +25,7 @@ from pgfeed.reader import AsyncReader, Batch, Row, Subscription
 from pgfeed.sync import Reader, SyncSubscription
 from pgfeed.writer import append, append_many, commit_token, invalidate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "AsyncReader",
