@@ -6,8 +6,10 @@ callers see a message they can act on instead of a driver exception.
 
 from __future__ import annotations
 
-import psycopg
-from psycopg import errors as pgerrors
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the pure core imports this module: psycopg only where errors are translated
+    import psycopg
 
 
 class PgfeedError(Exception):
@@ -88,6 +90,9 @@ or pass --dsn / set PGFEED_DSN."""
 
 def translate(exc: psycopg.Error, doing: str) -> PgfeedError:
     """Turn a psycopg error into a one-line pgfeed error; ``doing`` says what failed."""
+    import psycopg
+    from psycopg import errors as pgerrors
+
     diag = getattr(exc, "diag", None)
     primary = (diag.message_primary if diag is not None else None) or str(exc).strip().splitlines()[0]
     hint = diag.message_hint if diag is not None else None
