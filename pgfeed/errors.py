@@ -121,3 +121,30 @@ fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)."""
 
 class CommitTokenUnavailable(PgfeedError):
     """The transaction is committed, but no commit token could be had."""
+
+
+if TYPE_CHECKING:
+    from pgfeed.core.positions import Position
+
+
+class HandlerFailed(PgfeedError):
+    """A subscriber's handler kept failing on the same batch; its subscription stopped before that batch."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream: str = "",
+        position: Position | None = None,
+        batch_position: Position | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        #: The stream whose handler failed.
+        self.stream = stream
+        #: What the subscription delivered (and a named consumer saved): the position before the failed batch.
+        self.position = position
+        #: The position after the batch the handler could not take.
+        self.batch_position = batch_position
+        #: How many times the handler was called with that batch.
+        self.attempts = attempts

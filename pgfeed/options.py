@@ -1,8 +1,10 @@
-"""How a reader polls, probes and batches: one definition for both readers.
+"""How a reader polls, probes, batches, retries and connects: one definition for both readers.
 
 :class:`ReaderOptions` holds each option's name, type, default and meaning
-once. :class:`~pgfeed.sync.Reader` takes the same names as keyword arguments
-(its defaults are read from here) or a ready ``options=ReaderOptions(...)``.
+once, and checks every value in one place (``__post_init__``).
+:class:`~pgfeed.reader.AsyncReader` and :class:`~pgfeed.sync.Reader` take the
+same names as keyword arguments (their defaults are read from here) or a ready
+``options=ReaderOptions(...)``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,19 @@ class ReaderOptions:
     tick_window: int = 2000
     """Ticks one range read covers at most while catching up."""
 
-    pool_size: int = 4
-    """Connections for range reads (the listener has its own)."""
+    pool_size: int | None = None
+    """Pooled connections for reads; None (the default): ``max_connections - 1``, what the budget leaves
+    beside the listener. A pool_size that does not fit in ``max_connections`` is refused."""
+
+    max_connections: int = 2
+    """The connections this reader keeps open: its listener plus ``max_connections - 1`` pooled for reads
+    (at least 2). The embedded ticker holds one more only while it leads (a follower campaigns through
+    the reader's pool), so a reader process holds 2 backends by default, 3 while it is the ticker."""
+
+    handler_retries: int = 5
+    """How often a raising :meth:`~pgfeed.reader.AsyncReader.on` handler is called again with the same
+    batch (with backoff) before its subscription stops with :class:`~pgfeed.errors.HandlerFailed`
+    (0: stop at the first failure)."""
 
     save_interval: float = 1.0
     """Seconds between saves of named consumers' positions (they are saved on close too)."""
@@ -57,12 +70,27 @@ class ReaderOptions:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if isinstance(f.default, int | float) and not isinstance(f.default, bool):
-                check_positive(f.name, getattr(self, f.name), integer=isinstance(f.default, int))
+            value = getattr(self, f.name)
+            if f.name in _LEAST:
+                check_integer(f.name, value, least=_LEAST[f.name])
+            elif isinstance(f.default, int | float) and not isinstance(f.default, bool):
+                check_positive(f.name, value, integer=isinstance(f.default, int))
+        if self.pool_size is not None:
+            check_positive("pool_size", self.pool_size, integer=True)
+            if self.pool_size + 1 > self.max_connections:
+                raise UsageError(
+                    f"pool_size {self.pool_size} does not fit in max_connections {self.max_connections} (the "
+                    f"listener takes one): raise max_connections to {self.pool_size + 1} or leave pool_size unset"
+                )
         if self.ticker not in TICKER_MODES:
             raise UsageError(
                 f"invalid ticker {self.ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'"
             )
+
+    @property
+    def read_connections(self) -> int:
+        """The size of the read pool: ``pool_size``, or what ``max_connections`` leaves beside the listener."""
+        return self.pool_size if self.pool_size is not None else self.max_connections - 1
 
     @classmethod
     def merge(cls, base: ReaderOptions | None, given: Mapping[str, Any]) -> ReaderOptions:
@@ -73,6 +101,16 @@ class ReaderOptions:
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(ReaderOptions))
+
+#: Integer options whose least value is not 1: handlers may get no retry; the
+#: listener and at least one read connection.
+_LEAST = {"handler_retries": 0, "max_connections": 2}
+
+
+def check_integer(name: str, value: object, *, least: int) -> None:
+    """Raise a one-line :class:`UsageError` naming ``name`` unless ``value`` is an integer >= ``least``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        raise UsageError(f"invalid {name} {value!r}: expected an integer of at least {least}")
 
 
 def check_positive(name: str, value: object, *, integer: bool = False) -> None:

@@ -47,6 +47,7 @@ from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, plan_windo
 from pgfeed.core.tokens import CommitToken, first_covering
 from pgfeed.errors import (
     FutureToken,
+    HandlerFailed,
     PgfeedError,
     ReaderClosed,
     TokenError,
@@ -56,6 +57,7 @@ from pgfeed.errors import (
     translate,
 )
 from pgfeed.log import get_logger
+from pgfeed.options import OPTION_NAMES, ReaderOptions
 from pgfeed.ticker import TICKS_CHANNEL, Ticker, TickerUnavailable
 from pgfeed.writer import CACHES_STREAM
 
@@ -453,52 +455,45 @@ class AsyncReader:
     """A reader for one process. Open it once, subscribe many times.
 
     ``conninfo``: where to connect (``None``: the same resolution as the CLI —
-    ``PGFEED_DSN``, libpq's environment, then the embedded server).
-    ``poll_interval``: the fallback poll, covering lost notifications.
-    ``probe_interval``: how often the listener proves its connection alive.
-    ``batch_size``: rows per batch; ``queue_batches``: batches read ahead per
-    subscription (memory per subscription is bounded by their product).
-    ``ticker``: ``"auto"`` (default) lets this process be the database's
-    ticker while no ``pgfeed daemon`` runs, if its role may tick; ``"off"``
-    never ticks (readers with only the reader grant, hot standbys).
-    ``ticker_lease``: how long a dead embedded ticker holds the lease.
+    ``PGFEED_DSN``, libpq's environment, then the embedded server, see
+    :func:`pgfeed.connect.resolve`).
 
-    Use ``async with AsyncReader(...) as reader:``; callbacks given to
-    :meth:`on` run on the event loop (async) or in a worker thread (sync).
+    The options are those of :class:`~pgfeed.options.ReaderOptions` (see it
+    for what each means: polling, probes, batching, ``handler_retries``, the
+    ``max_connections`` budget, the embedded ticker), given as keywords or as
+    ``options=``; keywords that differ from their default replace the fields
+    of ``options``. Every value is checked there, once.
+
+    Use ``async with AsyncReader(...) as reader:``, in the process that uses
+    it (after any fork: a reader used in a child raises
+    :class:`~pgfeed.errors.ForkedReader`); callbacks given to :meth:`on` run
+    on the event loop (async) or in a worker thread (sync).
     """
 
     def __init__(
         self,
         conninfo: str | None = None,
         *,
-        poll_interval: float = 3.0,
-        probe_interval: float = 10.0,
-        probe_timeout: float = 5.0,
-        batch_size: int = 1000,
-        queue_batches: int = 4,
-        tick_window: int = 2000,
-        pool_size: int = 4,
-        save_interval: float = 1.0,
-        ticker: str = "auto",
-        ticker_lease: float = 10.0,
+        options: ReaderOptions | None = None,
+        poll_interval: float = ReaderOptions.poll_interval,
+        probe_interval: float = ReaderOptions.probe_interval,
+        probe_timeout: float = ReaderOptions.probe_timeout,
+        batch_size: int = ReaderOptions.batch_size,
+        queue_batches: int = ReaderOptions.queue_batches,
+        tick_window: int = ReaderOptions.tick_window,
+        pool_size: int | None = ReaderOptions.pool_size,
+        max_connections: int = ReaderOptions.max_connections,
+        save_interval: float = ReaderOptions.save_interval,
+        ticker: str = ReaderOptions.ticker,
+        ticker_lease: float = ReaderOptions.ticker_lease,
+        handler_retries: int = ReaderOptions.handler_retries,
     ) -> None:
-        if batch_size < 1 or queue_batches < 1 or tick_window < 1:
-            raise UsageError("batch_size, queue_batches and tick_window must be positive")
-        if ticker not in ("auto", "off"):
-            raise UsageError(f"invalid ticker {ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'")
-        self.ticker_mode = ticker
+        # Every keyword named like a ReaderOptions field (a test keeps the two in step).
+        given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
+        self.options = ReaderOptions.merge(options, given)
         self._broken: str | None = None  # why this database cannot be trusted (see _tick_now)
-        self.ticker_lease = ticker_lease
         self._ticker: Ticker | None = None
         self._conninfo_arg = conninfo
-        self.poll_interval = poll_interval
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
-        self.batch_size = batch_size
-        self.queue_batches = queue_batches
-        self.tick_window = tick_window
-        self.save_interval = save_interval
-        self._pool_size = pool_size
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._subscriptions: set[Subscription] = set()
         self._ticks = _TickCache()
@@ -512,6 +507,10 @@ class AsyncReader:
         self._tasks: list[asyncio.Task[None]] = []
         self._callback_tasks: set[asyncio.Task[None]] = set()
         self._reset_callbacks: list[ResetCallback] = []
+        self._error_callbacks: list[Callable[[str, HandlerFailed], Any]] = []
+        #: Callback subscriptions stopped by a failing handler, with why: they
+        #: hold their stream's delivered position back (see position()).
+        self._failed: list[tuple[Subscription, HandlerFailed]] = []
         self._invalidators: dict[str, list[Callable[[list[str] | None], Any]]] = {}
         self._cache_subscription: Subscription | None = None
         self._pending_callbacks: list[tuple[str, Callable[[Batch], Any], Since, str | None]] = []
@@ -550,7 +549,7 @@ class AsyncReader:
         self._pool = AsyncConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=self._pool_size,
+            max_size=self.options.read_connections,
             kwargs={"autocommit": True},
             configure=configure,
             open=False,
@@ -570,8 +569,8 @@ class AsyncReader:
             asyncio.create_task(self._refresh_loop(), name="pgfeed-refresher"),
             asyncio.create_task(self._save_loop(), name="pgfeed-position-saver"),
         ]
-        if self.ticker_mode == "auto":
-            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.ticker_lease)
+        if self.options.ticker == "auto":
+            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.options.ticker_lease)
             self._tasks.append(asyncio.create_task(self._run_ticker(self._ticker), name="pgfeed-embedded-ticker"))
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
@@ -634,7 +633,7 @@ class AsyncReader:
         check_stream_name(stream)
         if consumer is not None and (not isinstance(consumer, str) or not consumer or len(consumer) > 200):
             raise UsageError(f"invalid consumer name {consumer!r}: expected 1-200 characters")
-        sub = Subscription(self, stream, since, until, self.queue_batches, consumer)
+        sub = Subscription(self, stream, since, until, self.options.queue_batches, consumer)
         self._subscriptions.add(sub)
         try:
             await sub.start()
@@ -653,6 +652,16 @@ class AsyncReader:
     ) -> Any:
         """Call ``fn(batch)`` for every batch of ``stream``, in order, one at a
         time. A sync ``fn`` runs in a worker thread; an async one on the loop.
+
+        A batch counts as delivered only once ``fn`` returned. If ``fn``
+        raises, it is called again with the same batch, with backoff, up to
+        ``handler_retries`` times (make it idempotent); then the subscription
+        stops before that batch: its position (and a named consumer's saved
+        position) stays before it, every :meth:`on_error` hook gets
+        ``(stream, HandlerFailed)``, :meth:`wait_for` on the stream raises
+        :class:`~pgfeed.errors.HandlerFailed` for anything past it, and the
+        failure is logged. Call ``on()`` again (with the same ``consumer`` it
+        resumes from the saved position) once the cause is fixed.
 
         Before :meth:`open`, registers ``fn`` to start when the reader opens
         (``open()`` raises if the stream is unknown); usable as a decorator::
@@ -680,6 +689,8 @@ class AsyncReader:
         self, stream: str, fn: Callable[[Batch], Any], since: Since, consumer: str | None = None
     ) -> Subscription:
         sub = await self.subscribe(stream, since, consumer=consumer)
+        # A handler started again on this stream and consumer replaces the one that failed.
+        self._failed = [(s, e) for s, e in self._failed if (s.stream, s.consumer) != (stream, consumer)]
         self._spawn_consumer(sub, fn)
         return sub
 
@@ -687,16 +698,76 @@ class AsyncReader:
         async def consume() -> None:
             try:
                 async for batch in sub:
-                    try:
-                        await _call(fn, batch)
-                    except Exception:
-                        log.exception("subscriber callback failed; the batch counts as delivered", stream=sub.stream)
+                    # The next __anext__ acknowledges this batch: reached only once fn took it.
+                    await self._handle(sub, fn, batch)
+            except HandlerFailed as exc:
+                await self._handler_failed(sub, exc)
             except PgfeedError as exc:
                 log.error("subscription stopped; its callback gets no more batches", stream=sub.stream, error=str(exc))
 
         task = asyncio.create_task(consume(), name=f"pgfeed-callback-{sub.stream}")
         self._callback_tasks.add(task)
         task.add_done_callback(self._callback_tasks.discard)
+
+    async def _handle(self, sub: Subscription, fn: Callable[[Batch], Any], batch: Batch) -> None:
+        """``fn(batch)``, retried with backoff on the same batch up to
+        ``handler_retries`` times; then :class:`HandlerFailed`."""
+        backoff = Backoff()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await _call(fn, batch)
+                return
+            except Exception as exc:
+                if attempts > self.options.handler_retries:
+                    raise HandlerFailed(
+                        f"the handler of stream {sub.stream!r} failed {attempts} times on the batch up to "
+                        f"{batch.position}: {type(exc).__name__}: {_one_line(exc)}; its subscription stopped at "
+                        f"{sub.position} (the batch counts as not delivered)",
+                        stream=sub.stream,
+                        position=sub.position,
+                        batch_position=batch.position,
+                        attempts=attempts,
+                    ) from exc
+                delay = backoff.next_delay()
+                log.warning(
+                    "subscriber callback failed; retrying the same batch",
+                    stream=sub.stream,
+                    batch=str(batch.position),
+                    attempt=attempts,
+                    retry_in=round(delay, 3),
+                    error=f"{type(exc).__name__}: {_one_line(exc)}",
+                )
+                await asyncio.sleep(delay)
+
+    async def _handler_failed(self, sub: Subscription, exc: HandlerFailed) -> None:
+        """Stop ``sub`` before the batch its handler could not take and say so."""
+        log.error("subscriber callback kept failing; its subscription stopped", stream=sub.stream, error=str(exc))
+        self._failed.append((sub, exc))
+        # Closing never acknowledges the batch in hand: the position (and what
+        # a consumer saves from it) stays before it.
+        await sub.close()
+        self._positions_changed()  # wait_for on this stream now raises
+        for hook in self._error_callbacks:
+            try:
+                await _call(hook, sub.stream, exc)
+            except Exception:
+                log.exception("on_error hook failed", stream=sub.stream)
+
+    def on_error(self, fn: Callable[[str, HandlerFailed], Any]) -> None:
+        """Call ``fn(stream, error)`` when an :meth:`on` handler failed
+        ``handler_retries + 1`` times on one batch and its subscription
+        stopped (``error`` is a :class:`~pgfeed.errors.HandlerFailed`; its
+        ``__cause__`` is what the handler raised)."""
+        self._error_callbacks.append(fn)
+
+    def _handler_failure(self, stream: str, target: Position | None) -> HandlerFailed | None:
+        """The failure that keeps ``stream`` from ever being delivered up to ``target``."""
+        for sub, exc in self._failed:
+            if sub.stream == stream and (target is None or not _reached(sub.position, target)):
+                return exc
+        return None
 
     def on_reset(self, fn: ResetCallback) -> None:
         """Call ``fn(stream, reason)`` whenever continuity cannot be proven; it
@@ -724,8 +795,10 @@ class AsyncReader:
 
     def position(self, stream: str) -> Position | None:
         """How far this process has delivered ``stream`` (the least advanced of
-        its subscriptions), or None if it does not follow it."""
-        positions = [s.position for s in self._subscriptions if s.stream == stream and s.position is not None]
+        its subscriptions, those stopped by a failing handler included), or
+        None if it does not follow it."""
+        subs = [*self._subscriptions, *(sub for sub, _ in self._failed)]
+        positions = [s.position for s in subs if s.stream == stream and s.position is not None]
         return min(positions) if positions else None
 
     async def wait_for(self, stream: str, token: Token, timeout: float = 10.0) -> Position:
@@ -738,7 +811,9 @@ class AsyncReader:
         token beyond anything the database has issued (:class:`FutureToken`)
         and a stream this process does not follow; rides out lost connections
         and server restarts; raises :class:`WaitTimeout` after ``timeout``
-        seconds. Raises only :class:`PgfeedError` subclasses.
+        seconds, and :class:`HandlerFailed` when an :meth:`on` handler of the
+        stream stopped before ``token`` (it will never be delivered here).
+        Raises only :class:`PgfeedError` subclasses.
         """
         self._require_open()
         if self._broken is not None:
@@ -747,7 +822,7 @@ class AsyncReader:
         if isinstance(token, str):
             commit = CommitToken.parse(token)
         target = None if commit is not None else (token if isinstance(token, Position) else Position.parse(str(token)))
-        if not any(s.stream == stream for s in self._subscriptions):
+        if not any(s.stream == stream for s in self._subscriptions) and self._handler_failure(stream, None) is None:
             raise UsageError(f"this reader does not follow stream {stream!r}: subscribe to it before waiting")
         try:
             async with asyncio.timeout(timeout):
@@ -764,7 +839,12 @@ class AsyncReader:
                             f"position {target} is beyond anything this database has issued (newest tick {newest})"
                         )
                     self._wake.set()
-                await self._positions.wait_until(lambda: _reached(self.position(stream), target))
+                await self._positions.wait_until(
+                    lambda: _reached(self.position(stream), target) or self._handler_failure(stream, target) is not None
+                )
+                failed = self._handler_failure(stream, target)
+                if failed is not None and not _reached(self.position(stream), target):
+                    raise failed
         except TimeoutError:
             raise WaitTimeout(
                 f"timed out after {timeout:g}s waiting for stream {stream!r} to reach {target or commit}; "
@@ -858,7 +938,7 @@ class AsyncReader:
 
     async def _save_loop(self) -> None:
         while self._open:
-            await asyncio.sleep(self.save_interval)
+            await asyncio.sleep(self.options.save_interval)
             try:
                 await self._save_positions()
             except PgfeedError as exc:
@@ -900,7 +980,7 @@ class AsyncReader:
         after = [known if known is not None and name in caught_up else -1 for name in names]
         try:
             async with self._pool.connection() as conn:
-                live = await store.read_live(conn, known, names, after, self.batch_size)
+                live = await store.read_live(conn, known, names, after, self.options.batch_size)
         except psycopg.Error as exc:
             raise translate(exc, "reading the newest tick") from None
         head = live.head
@@ -962,8 +1042,9 @@ class AsyncReader:
         while self._open:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that races with the event, and close() would hang.
+            poll = self.options.poll_interval
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval if self._listening else min(self.poll_interval, 0.2)):
+                async with asyncio.timeout(poll if self._listening else min(poll, 0.2)):
                     await self._wake.wait()
             self._wake.clear()
             if not self._subscriptions:
@@ -1019,12 +1100,12 @@ class AsyncReader:
         """Drive one :func:`read_step` with real queries."""
         assert self._pool is not None
         ready = self._prefetched.get((stream, pos.tick)) if pos.complete and head.id == pos.tick + 1 else None
-        if ready is not None and len(ready[0]) <= self.batch_size:
+        if ready is not None and len(ready[0]) <= self.options.batch_size:
             rows, kept_from = ready
             if kept_from > pos.tick:
                 raise _Interrupted(f"the stream was pruned up to tick {kept_from}")
-            return plan_window([head], rows, self.batch_size)
-        steps = read_step(pos, head.id, self.batch_size, self.tick_window)
+            return plan_window([head], rows, self.options.batch_size)
+        steps = read_step(pos, head.id, self.options.batch_size, self.options.tick_window)
         start_tick = pos.tick if pos.complete else pos.tick - 1
         self._reads += 1
         try:
@@ -1062,7 +1143,7 @@ class AsyncReader:
         """Wait (bounded) until the listener LISTENs on the ticks channel, so
         that a catch-up starts after notifications are live."""
         try:
-            async with asyncio.timeout(self.probe_timeout):
+            async with asyncio.timeout(self.options.probe_timeout):
                 await self._listener_up.wait()
         except TimeoutError:
             log.warning("listener not ready; relying on polling until it is")
@@ -1104,7 +1185,7 @@ class AsyncReader:
 
     async def _follow(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:
         loop = asyncio.get_running_loop()
-        next_probe = loop.time() + self.probe_interval
+        next_probe = loop.time() + self.options.probe_interval
         while self._open:
             async for note in conn.notifies(timeout=max(0.01, next_probe - loop.time())):
                 if note.channel == TICKS_CHANNEL:
@@ -1113,7 +1194,7 @@ class AsyncReader:
                         self._wake.set()
             if loop.time() >= next_probe:
                 await self._probe(conn, probe)
-                next_probe = loop.time() + self.probe_interval
+                next_probe = loop.time() + self.options.probe_interval
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:
         """Prove the connection answers: a NOTIFY to ourselves within ``probe_timeout``.
@@ -1122,16 +1203,16 @@ class AsyncReader:
         a cancel request to a backend that does not answer would itself hang.
         """
         task = asyncio.ensure_future(conn.execute("SELECT pg_notify(%s, '')", (probe,)))
-        done, _ = await asyncio.wait({task}, timeout=self.probe_timeout)
+        done, _ = await asyncio.wait({task}, timeout=self.options.probe_timeout)
         if task in done:
             task.result()
             return
         with contextlib.suppress(OSError):
             socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
-        await asyncio.wait({task}, timeout=self.probe_timeout)
+        await asyncio.wait({task}, timeout=self.options.probe_timeout)
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: the connection is being replaced anyway
-        raise TimeoutError(f"the listener's connection did not answer a probe within {self.probe_timeout:g}s")
+        raise TimeoutError(f"the listener's connection did not answer a probe within {self.options.probe_timeout:g}s")
 
 
 async def _stop(tasks: list[asyncio.Task[Any]]) -> None:

@@ -25,20 +25,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
-import inspect
 import os
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import ForkedReader, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
+from pgfeed.errors import ForkedReader, HandlerFailed, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
 from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line
 
@@ -267,10 +266,12 @@ class Reader:
         batch_size: int = ReaderOptions.batch_size,
         queue_batches: int = ReaderOptions.queue_batches,
         tick_window: int = ReaderOptions.tick_window,
-        pool_size: int = ReaderOptions.pool_size,
+        pool_size: int | None = ReaderOptions.pool_size,
+        max_connections: int = ReaderOptions.max_connections,
         save_interval: float = ReaderOptions.save_interval,
         ticker: str = ReaderOptions.ticker,
         ticker_lease: float = ReaderOptions.ticker_lease,
+        handler_retries: int = ReaderOptions.handler_retries,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
@@ -281,6 +282,7 @@ class Reader:
         self._lock = threading.Lock()  # open, close and what must happen before or after them
         self._opened: _Opened | None = None
         self._reset_callbacks: list[ResetCallback] = []
+        self._error_callbacks: list[Callable[[str, HandlerFailed], Any]] = []
         self._callbacks: list[_Callback] = []  # on() while not open: started by the next open()
         _READERS.add(self)
 
@@ -327,16 +329,11 @@ class Reader:
         return current.loop.run(what, lambda: fn(current.reader), bound, f"its timeout plus {CALL_MARGIN:g}s")
 
     def _make_async(self) -> AsyncReader:
-        # AsyncReader takes the options that it knows, as keywords or (once
-        # it accepts one) as a ReaderOptions: both can evolve independently.
-        accepted = inspect.signature(AsyncReader).parameters
-        if "options" in accepted:
-            kwargs: dict[str, Any] = {"options": self.options}
-        else:
-            kwargs = {name: value for name, value in asdict(self.options).items() if name in accepted}
-        reader = AsyncReader(self._conninfo, **kwargs)
+        reader = AsyncReader(self._conninfo, options=self.options)
         for fn in self._reset_callbacks:
             reader.on_reset(fn)
+        for hook in self._error_callbacks:
+            reader.on_error(hook)
         for stream, callback, since, consumer in self._callbacks:
             reader.on(stream, callback, since=since, consumer=consumer)
         return reader
@@ -421,7 +418,10 @@ class Reader:
         consumer: str | None = None,
     ) -> Any:
         """See :meth:`AsyncReader.on`; a sync ``fn`` runs on a worker thread, an
-        async one on the reader's event loop (it must not block).
+        async one on the reader's event loop (it must not block). A raising
+        ``fn`` gets the same batch again, up to ``handler_retries`` times, then
+        its subscription stops (:meth:`on_error`, ``wait_for`` raises
+        :class:`~pgfeed.errors.HandlerFailed`).
 
         On an open reader it starts at once and returns the
         :class:`SyncSubscription`; otherwise (or as a decorator) ``fn`` is
@@ -449,15 +449,26 @@ class Reader:
 
     def on_reset(self, fn: ResetCallback) -> None:
         """See :meth:`AsyncReader.on_reset`; stays registered across reopens."""
+        self._keep(self._reset_callbacks, fn, "a reset callback", lambda reader: reader.on_reset(fn))
+
+    def on_error(self, fn: Callable[[str, HandlerFailed], Any]) -> None:
+        """See :meth:`AsyncReader.on_error`: ``fn(stream, error)`` once an
+        :meth:`on` handler kept failing on a batch and its subscription
+        stopped; a sync ``fn`` runs on a worker thread. Stays registered
+        across reopens."""
+        self._keep(self._error_callbacks, fn, "an error callback", lambda reader: reader.on_error(fn))
+
+    def _keep(self, kept: list[Any], fn: Any, what: str, register: Callable[[AsyncReader], None]) -> None:
+        """Remember ``fn`` for every later open, and register it now if open."""
         with self._lock:
             opened = self._check_process()
-            self._reset_callbacks.append(fn)
+            kept.append(fn)
 
-        async def register(reader: AsyncReader) -> None:
-            reader.on_reset(fn)
+        async def now(reader: AsyncReader) -> None:
+            register(reader)
 
         if opened is not None:
-            self._call("registering a reset callback", register, opened=opened)
+            self._call(f"registering {what}", now, opened=opened)
 
     def on_invalidate(self, cache_name: str, fn: Callable[[list[str] | None], Any]) -> None:
         """See :meth:`AsyncReader.on_invalidate`."""
