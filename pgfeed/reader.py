@@ -46,6 +46,7 @@ from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import NeedTicks, Planned, Position, Tick, plan_window, read_step
 from pgfeed.core.tokens import CommitToken, first_covering
 from pgfeed.errors import (
+    ForkedReader,
     FutureToken,
     HandlerFailed,
     PgfeedError,
@@ -520,6 +521,7 @@ class AsyncReader:
         self._reads = 0  # range reads in flight
         self._reads_done = _Signal()
         self._open = False
+        self._pid: int | None = None  # the process that opened this reader
         self._conninfo = ""
 
     # -- lifecycle -------------------------------------------------------
@@ -564,6 +566,7 @@ class AsyncReader:
             await self._pool.close()
             raise PgfeedError(f"cannot connect the reader: {exc}") from None
         self._open = True
+        self._pid = os.getpid()
         self._tasks = [
             asyncio.create_task(self._listen(), name="pgfeed-listener"),
             asyncio.create_task(self._refresh_loop(), name="pgfeed-refresher"),
@@ -583,7 +586,17 @@ class AsyncReader:
         return self
 
     async def close(self) -> None:
-        """Stop every subscription, the listener and the pool."""
+        """Stop every subscription, the listener and the pool.
+
+        In a process forked after :meth:`open`, only forgets the parent's
+        connections and tasks, never touching them (closing a connection
+        would end the parent's session); the reader can then be opened again.
+        """
+        if self._pid is not None and self._pid != os.getpid():
+            _INHERITED.append((self._pool, self._tasks, self._ticker, self._subscriptions))
+            self._open, self._pid, self._pool, self._ticker = False, None, None, None
+            self._tasks, self._subscriptions, self._callback_tasks = [], set(), set()
+            return
         if not self._open:
             return
         self._open = False
@@ -608,7 +621,13 @@ class AsyncReader:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _check_process(self) -> None:
+        """ForkedReader if this reader was opened in another process (a fork's parent)."""
+        if self._pid is not None and self._pid != os.getpid():
+            raise forked_error("AsyncReader", self._pid)
+
     def _require_open(self) -> None:
+        self._check_process()
         if not self._open:
             raise ReaderClosed("the reader is not open: use `async with AsyncReader(...)` or call open()")
 
@@ -680,6 +699,7 @@ class AsyncReader:
                 return f
 
             return register
+        self._check_process()
         if not self._open:
             self._pending_callbacks.append((stream, fn, since, consumer))
             return fn
@@ -797,6 +817,7 @@ class AsyncReader:
         """How far this process has delivered ``stream`` (the least advanced of
         its subscriptions, those stopped by a failing handler included), or
         None if it does not follow it."""
+        self._check_process()
         subs = [*self._subscriptions, *(sub for sub, _ in self._failed)]
         positions = [s.position for s in subs if s.stream == stream and s.position is not None]
         return min(positions) if positions else None
@@ -1213,6 +1234,20 @@ class AsyncReader:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: the connection is being replaced anyway
         raise TimeoutError(f"the listener's connection did not answer a probe within {self.options.probe_timeout:g}s")
+
+
+#: What close() forgot in a forked child: kept referenced so that nothing in
+#: the child ever finalises the parent's connections.
+_INHERITED: list[object] = []
+
+
+def forked_error(kind: str, pid: int) -> ForkedReader:
+    """The one-line error for a reader used in a process it was not opened in."""
+    return ForkedReader(
+        f"this {kind} was opened in process {pid} before a fork; open a reader in each worker process after "
+        "the fork (gunicorn: post_fork / post_worker_init, uvicorn: the app's lifespan, Celery: "
+        "worker_process_init)"
+    )
 
 
 async def _stop(tasks: list[asyncio.Task[Any]]) -> None:

@@ -39,7 +39,7 @@ from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
 from pgfeed.errors import ForkedReader, HandlerFailed, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
-from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line
+from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line, forked_error
 
 T = TypeVar("T")
 
@@ -291,10 +291,7 @@ class Reader:
         """The current open period, None if closed; ForkedReader if it belongs to another process."""
         opened = self._opened
         if opened is not None and opened.pid != os.getpid():
-            raise ForkedReader(
-                f"this Reader was opened in process {opened.pid} before a fork; open a Reader in each worker "
-                "process after the fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)"
-            )
+            raise forked_error("Reader", opened.pid)
         return opened
 
     def _current(self, opened: _Opened | None) -> _Opened:
