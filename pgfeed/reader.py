@@ -59,7 +59,7 @@ from pgfeed.errors import (
 )
 from pgfeed.log import get_logger
 from pgfeed.options import OPTION_NAMES, ReaderOptions
-from pgfeed.ticker import TICKS_CHANNEL, Ticker, TickerUnavailable
+from pgfeed.ticker import LEASE_CHANNEL, TICKS_CHANNEL, Ticker, TickerUnavailable
 from pgfeed.writer import CACHES_STREAM
 
 log = get_logger("pgfeed.reader")
@@ -567,13 +567,17 @@ class AsyncReader:
             raise PgfeedError(f"cannot connect the reader: {exc}") from None
         self._open = True
         self._pid = os.getpid()
+        if self.options.ticker == "auto":
+            # It follows through the pool, within max_connections; only a leader holds one more.
+            self._ticker = Ticker(
+                self._conninfo, kind="reader", lease=self.options.ticker_lease, borrow=self._pool.connection
+            )
         self._tasks = [
             asyncio.create_task(self._listen(), name="pgfeed-listener"),
             asyncio.create_task(self._refresh_loop(), name="pgfeed-refresher"),
             asyncio.create_task(self._save_loop(), name="pgfeed-position-saver"),
         ]
-        if self.options.ticker == "auto":
-            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.options.ticker_lease)
+        if self._ticker is not None:
             self._tasks.append(asyncio.create_task(self._run_ticker(self._ticker), name="pgfeed-embedded-ticker"))
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
@@ -1183,6 +1187,8 @@ class AsyncReader:
             try:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(TICKS_CHANNEL)))
+                if self._ticker is not None:  # it has no connection to hear a resignation on while it follows
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(LEASE_CHANNEL)))
                 log.info("listener connected")
                 self._listening = True
                 self._listener_up.set()
@@ -1213,6 +1219,8 @@ class AsyncReader:
                     head = self._head.id if self._head is not None else -1
                     if not note.payload.isdigit() or int(note.payload) > head:
                         self._wake.set()
+                elif note.channel == LEASE_CHANNEL and self._ticker is not None:
+                    self._ticker.poke()
             if loop.time() >= next_probe:
                 await self._probe(conn, probe)
                 next_probe = loop.time() + self.options.probe_interval

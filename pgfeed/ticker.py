@@ -21,6 +21,15 @@ on the election anyway: ticks are serialised by the tick lock whoever takes
 them (see docs/design.md); the lease keeps their volume to one ticker's
 cadence.
 
+Connections: the leader holds one of its own (LISTEN for wake-ups, a
+statement timeout shorter than the lease). A daemon keeps it while it follows
+too; a candidate given ``borrow=`` (a reader's embedded ticker, which borrows
+from the reader's pool) holds none while it follows: it claims through a
+borrowed connection every ``lease / 3``, or at once when its owner, who
+LISTENs on ``pgfeed_v2_ticker``, calls :meth:`Ticker.poke` on a resignation.
+So a reader process keeps 2 connections while another process ticks, 3 while
+it ticks itself.
+
 The leader asks for a tick every ``interval`` while rows keep arriving and
 backs off geometrically to ``idle_interval`` when nothing changed; a tick is
 only written when some row became visible, and carries one NOTIFY
@@ -35,7 +44,8 @@ import contextlib
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +64,8 @@ WAKE_CHANNEL = "pgfeed_v2_wake"
 LEASE_CHANNEL = "pgfeed_v2_ticker"
 
 Kind = Literal["daemon", "reader"]
+#: Lends a connection for one statement or two (a reader's ``pool.connection``).
+Borrow = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 
 class _Superseded(Exception):
@@ -78,7 +90,14 @@ class TickerStats:
 
 
 class Ticker:
-    """A ticker candidate; :meth:`run` until cancelled, then :meth:`close`."""
+    """A ticker candidate; :meth:`run` until cancelled, then :meth:`close`.
+
+    ``borrow``: campaign through borrowed connections while following, and
+    keep a connection of its own only while leading; the owner should then
+    call :meth:`poke` on every notification of ``pgfeed_v2_ticker`` (a
+    resignation), or a follower takes over a resigned lease only at its next
+    claim (``lease / 3``). Without it the candidate keeps its connection.
+    """
 
     def __init__(
         self,
@@ -90,6 +109,7 @@ class Ticker:
         interval: float = 0.001,
         idle_interval: float = 0.05,
         on_tick: Callable[[int], Any] | None = None,
+        borrow: Borrow | None = None,
     ) -> None:
         if kind not in ("daemon", "reader"):
             raise UsageError(f"invalid ticker kind {kind!r}: expected 'daemon' or 'reader'")
@@ -109,6 +129,12 @@ class Ticker:
         self.stats = TickerStats()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
+        self._borrow = borrow
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Campaign now: the lease may have been resigned (a follower with ``borrow``)."""
+        self._poked.set()
 
     @property
     def leading(self) -> bool:
@@ -124,6 +150,14 @@ class Ticker:
         schema; every other failure is retried."""
         backoff = Backoff()
         while not self._closed:
+            if self.term is None and self._borrow is not None:
+                try:
+                    await self._campaign(self._borrow, backoff)
+                except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+                    delay = backoff.next_delay()
+                    log.warning("ticker cannot campaign; retrying", error=_one_line(exc), retry_in=round(delay, 3))
+                    await asyncio.sleep(delay)
+                continue
             try:
                 conn = await self._connect()
             except PgfeedError as exc:
@@ -154,11 +188,21 @@ class Ticker:
         if term is None:
             return
         try:
-            async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5) as c:
+            async with asyncio.timeout(5), self._short_connection() as c:
                 await c.execute("SELECT pgfeed.ticker_resign_v2(%s)", (term,))
             log.info("ticker resigned", term=term)
-        except psycopg.Error as exc:
+        except (psycopg.Error, OSError, TimeoutError) as exc:
             log.warning("ticker could not resign; the lease expires on its own", term=term, error=_one_line(exc))
+
+    @contextlib.asynccontextmanager
+    async def _short_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A borrowed connection, or else one of its own for this one use."""
+        if self._borrow is not None:
+            async with self._borrow() as conn:
+                yield conn
+            return
+        async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+            yield conn
 
     # -- internals -------------------------------------------------------
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
@@ -184,11 +228,26 @@ class Ticker:
         self._conn = conn
         return conn
 
+    async def _campaign(self, borrow: Borrow, backoff: Backoff) -> None:
+        """Follow without a connection of its own: claim through a borrowed
+        one every ``lease / 3`` (or at once when poked); return once leading."""
+        while not self._closed and self.term is None:
+            self._poked.clear()
+            async with borrow() as conn:
+                await self._claim(conn)
+            backoff.reset()
+            if self.term is None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.lease / 3 * random.uniform(0.8, 1.2)):
+                        await self._poked.wait()
+
     async def _session(self, conn: psycopg.AsyncConnection[Any], backoff: Backoff) -> None:
         loop = asyncio.get_running_loop()
         delay = self.interval
-        renew_at = 0.0
+        renew_at = 0.0  # renew first: the lease row then names this connection's backend
         while not self._closed:
+            if self.term is None and self._borrow is not None:
+                return  # deposed: follow again without this connection
             if self.term is None:
                 if await self._claim(conn):
                     renew_at = loop.time() + self.lease / 3

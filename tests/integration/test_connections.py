@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
+import time
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
+from helpers import JsonLines
 from test_handlers import append
 from test_sync_reader import in_child
+from ticking import daemon, wait_for_leader
 
 import pgfeed
 from pgfeed import admin
@@ -60,3 +67,124 @@ async def test_an_async_reader_used_in_a_forked_child_fails_at_once_and_the_pare
         await reader.wait_for(stream, token, timeout=15)
         assert got == ["after the fork"]
         assert before <= backends(pgfeed_conn), "the child's close() ended a connection of the parent"
+
+
+# -- connections ---------------------------------------------------------------
+STREAMS = ("s_one", "s_two", "s_three")
+
+#: A reader process following 3 streams with 2 callback subscriptions each; a
+#: JSON line per delivered row (after "ready"), until stdin closes.
+READER_PROCESS = """
+import asyncio, json, sys
+import pgfeed
+
+async def main(dsn, streams):
+    async with pgfeed.AsyncReader(dsn, ticker_lease=3) as reader:
+        for stream in streams:
+            for sub in ("a", "b"):
+                async def show(batch, stream=stream, sub=sub):
+                    for row in batch:
+                        print(json.dumps({"stream": stream, "sub": sub, "id": row.payload["id"]}), flush=True)
+                await reader.on(stream, show, since="now")
+        print(json.dumps({"ready": True}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+
+asyncio.run(main(sys.argv[1], sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def streams(pgfeed_conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    for name in STREAMS:
+        admin.create_stream(pgfeed_conn, name)
+    return STREAMS
+
+
+def reader_backends(conn: psycopg.Connection[Any], pid: int) -> tuple[int, bool]:
+    """(backends of this database that process ``pid`` holds, whether its ticker
+    leads): its TCP connections, as the OS lists them, matched to the backends'
+    client ports. A connection opened for a moment (a claim, a probe) counts
+    too, if it is open when sampled."""
+    ports = [c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == "ESTABLISHED"]
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND client_port = ANY(%s)),"
+        "       EXISTS (SELECT 1 FROM pgfeed.ticker WHERE holder LIKE %s AND expires_at > clock_timestamp())",
+        (ports, f"% pid {pid}"),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), bool(row[1])
+
+
+def run_and_count(dsn: str, conn: psycopg.Connection[Any], rounds: int = 40) -> tuple[list[int], list[bool], int]:
+    """Start the reader process, write to every stream while sampling its
+    backends; (counts, leading at each sample, rows it delivered)."""
+    if conn.info.host.startswith("/"):
+        pytest.skip("counts a process's connections through their TCP ports: needs a server reached over TCP")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READER_PROCESS, dsn, *STREAMS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = JsonLines(proc)
+        assert lines.take(1, timeout=30) == [{"ready": True}]
+        counts: list[int] = []
+        leading: list[bool] = []
+        for i in range(rounds):
+            for stream in STREAMS:
+                pgfeed.append(conn, stream, {"id": i})
+            count, leads = reader_backends(conn, proc.pid)
+            counts.append(count)
+            leading.append(leads)
+        delivered = lines.take(rounds * len(STREAMS) * 2, timeout=60)
+        return counts, leading, len(delivered)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_reader_process_holds_two_connections_while_another_process_ticks(
+    pgfeed_dsn: str, streams: tuple[str, ...], pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    with daemon(pgfeed_dsn):
+        counts, leading, delivered = run_and_count(pgfeed_dsn, pgfeed_conn)
+    assert delivered == 40 * 3 * 2
+    assert not any(leading), "the daemon should lead, not the reader"
+    assert max(counts) <= 2, counts
+    assert min(counts) >= 2, f"the listener and the read connection were not both found: {counts}"
+
+
+def test_a_reader_process_holds_three_connections_while_it_ticks(
+    pgfeed_dsn: str, streams: tuple[str, ...], pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    counts, leading, delivered = run_and_count(pgfeed_dsn, pgfeed_conn)
+    assert delivered == 40 * 3 * 2
+    assert all(leading), "nobody else may tick: the reader's embedded ticker must lead"
+    assert max(counts) <= 3, counts
+    assert min(counts) == 3, counts
+
+
+async def test_a_following_reader_takes_a_resigned_lease_at_once_without_a_connection_of_its_own(
+    pgfeed_dsn: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    lease = 30.0  # a follower without the resignation's NOTIFY would claim only after ~lease/3
+    first = await pgfeed.AsyncReader(pgfeed_dsn, ticker_lease=lease).open()
+    try:
+        term = await asyncio.to_thread(wait_for_leader, pgfeed_dsn, kind="reader")
+        async with pgfeed.AsyncReader(pgfeed_dsn, ticker_lease=lease) as second:
+            assert second._ticker is not None
+            assert not second._ticker.leading
+            await first.close()
+            resigned = time.monotonic()
+            await asyncio.to_thread(wait_for_leader, pgfeed_dsn, kind="reader", above_term=term, timeout=lease / 3)
+            assert time.monotonic() - resigned < 3
+            assert second._ticker.leading
+    finally:
+        await first.close()
