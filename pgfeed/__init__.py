@@ -6,6 +6,7 @@ Read side: :class:`AsyncReader` (asyncio) and :class:`Reader` (threads), one
 per process.
 """
 
+from pgfeed.cache import AsyncCache, Cache
 from pgfeed.core.positions import Position
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
@@ -29,8 +30,10 @@ from pgfeed.writer import append, append_many, commit_token, invalidate
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AsyncCache",
     "AsyncReader",
     "Batch",
+    "Cache",
     "CommitToken",
     "ConnectError",
     "ForkedReader",

@@ -33,7 +33,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -61,6 +61,9 @@ from pgfeed.log import get_logger
 from pgfeed.options import OPTION_NAMES, ReaderOptions
 from pgfeed.ticker import LEASE_CHANNEL, TICKS_CHANNEL, Ticker, TickerUnavailable
 from pgfeed.writer import CACHES_STREAM
+
+if TYPE_CHECKING:
+    from pgfeed.cache import AsyncCache
 
 log = get_logger("pgfeed.reader")
 
@@ -805,6 +808,13 @@ class AsyncReader:
         self._invalidators.setdefault(cache_name, []).append(fn)
         if self._cache_subscription is None:
             self._cache_subscription = await self._start_callback(CACHES_STREAM, self._dispatch_invalidations, "now")
+
+    async def cache(self, cache_name: str) -> AsyncCache[Any]:
+        """A per-process cache for ``cache_name``, invalidated through this
+        reader, whose fills cannot race invalidations; see :mod:`pgfeed.cache`."""
+        from pgfeed.cache import AsyncCache
+
+        return await AsyncCache[Any](self, cache_name).start()
 
     async def _dispatch_invalidations(self, batch: Batch) -> None:
         if batch.reset:

@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -40,6 +40,9 @@ from pgfeed.core.positions import Position
 from pgfeed.errors import ForkedReader, HandlerFailed, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
 from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line, forked_error
+
+if TYPE_CHECKING:
+    from pgfeed.cache import Cache
 
 T = TypeVar("T")
 
@@ -472,6 +475,13 @@ class Reader:
         self._call(
             f"registering an invalidation callback for {cache_name!r}", lambda r: r.on_invalidate(cache_name, fn)
         )
+
+    def cache(self, cache_name: str) -> Cache[Any]:
+        """A per-process cache for ``cache_name``, invalidated through this
+        reader (see :mod:`pgfeed.cache`); usable from any thread."""
+        from pgfeed.cache import Cache
+
+        return Cache[Any](self, cache_name)
 
     def position(self, stream: str) -> Position | None:
         """See :meth:`AsyncReader.position` (None while the reader is not open)."""
