@@ -42,7 +42,7 @@ def render(server: Any, cfg: h.Config, sections: list[h.Section], errors: dict[s
     out = [
         f"# pgfeed benchmark{' (--quick: a smoke run, not for reporting)' if cfg.quick else ''}",
         "",
-        f"{started}, commit {code_state()}; PostgreSQL {server.version} ({server.source}); "
+        f"{started}; PostgreSQL {server.version} ({server.source}); "
         f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}; "
         f"load average at the end {h.load_avg()}.",
         "",
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = h.Config.make(args.quick)
     names = [n for n in NAMES if not args.only or n in args.only]
     h.CTX.set_forkserver_preload(h.PRELOAD)
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    # The tree as it was when the processes loaded it (others may commit meanwhile).
+    started = f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {code_state()}"
     t_all = time.monotonic()
     sections: list[h.Section] = []
     errors: dict[str, str] = {}

@@ -99,13 +99,21 @@ def run(ctx: h.Ctx) -> h.Section:
     )
     series = ", ".join(f"{s['t']:.0f}s: {int(s['tick_rows'])}" for s in samples[:: max(1, len(samples) // 12)])
     sec.note(f"Rows in pgfeed.ticks over time: {series}.")
-    bounded = bool(steady) and max(steady) <= 1.5 * bound + 50
+    # Bounded: after warm-up, the second half of the run keeps no more rows
+    # than the first half did (without retention it would hold twice as many).
+    half = [s["tick_rows"] for s in samples if s["t"] >= elapsed / 2]
+    early = [s["tick_rows"] for s in samples if retention + 2 * every <= s["t"] < elapsed / 2] or steady
+    bounded = bool(steady and half) and max(half) <= 1.2 * max(early) + 50
+    sec.note(
+        f"Expected level: about (retention + prune interval) x ticks/s = {bound:,.0f} rows; pruning runs only "
+        "while the daemon leads, on the schedule, so the count saws up and down."
+    )
     sec.targets.append(
         h.Target(
             "tick volume: retention keeps pgfeed.ticks bounded",
-            f"max {int(max(steady) if steady else kept_max):,} rows kept after warm-up, {written:,} ticks written",
-            f"<= ~(retention + prune interval) x ticks/s = {bound:,.0f}",
-            bounded if steady else None,
+            f"{int(last['tick_rows']):,} rows at the end (max {int(kept_max):,}) of {written:,} ticks written",
+            "bounded: the second half keeps no more than the first",
+            bounded if steady and half else None,
         )
     )
     sec.data = {"samples": samples, "written": written, "elapsed": elapsed, "writer": w["achieved_rate"]}

@@ -5,7 +5,9 @@ script inserting one ~110-byte JSON row built from a random ``:n``:
 
 * ``plain``: ``INSERT INTO bench_plain (payload)`` (bigserial primary key + jsonb);
 * ``direct``: ``INSERT INTO pgfeed.events (stream_id, key, payload)``, as the
-  owner (what an append cannot do cheaper);
+  owner (what an append does, without the function around it), and the same
+  into the stream's partition ``pgfeed.events_N`` (no partition routing: the
+  events table's own cost, its xid/seq defaults and two indexes);
 * ``SELECT pgfeed.append('s', ...)`` on a stream in the default notify mode
   ``ticker``, as the owner (superusers and the owner bypass row-level
   security) and as a role with ``pgfeed grant writer`` (the ``events_append``
@@ -58,6 +60,11 @@ def scripts(direct_sid: int) -> list[Script]:
             "direct",
             "direct `INSERT INTO pgfeed.events` (owner)",
             f"INSERT INTO pgfeed.events (stream_id, key, payload) VALUES ({direct_sid}, NULL, {PAYLOAD})",  # noqa: S608
+        ),
+        Script(
+            "partition",
+            "direct `INSERT INTO pgfeed.events_N`, the stream's partition (owner)",
+            f"INSERT INTO pgfeed.events_{direct_sid} (key, payload) VALUES (NULL, {PAYLOAD})",  # noqa: S608
         ),
         Script("ticker", "`pgfeed.append`, default mode (owner)", f"SELECT pgfeed.append('w_ticker', {PAYLOAD})"),
         Script(
