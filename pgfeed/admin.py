@@ -171,12 +171,13 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
             # append_v2 inserts through the parent table; the events_append
             # policy limits it to the granted streams.
             conn.execute(sql.SQL("GRANT INSERT (stream_id, key, payload) ON pgfeed.events TO {}").format(r))
+            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.role_grants TO {}").format(r))
             conn.execute(
                 sql.SQL(
                     "GRANT EXECUTE ON FUNCTION pgfeed.append_v2(text, jsonb, text),"
                     " pgfeed.append_many_v2(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),"
                     " pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v2(text, text[]),"
-                    " pgfeed._may_append_v2(bigint, name), pgfeed.commit_token_v2(), pgfeed.commit_token(),"
+                    " pgfeed.commit_token_v2(), pgfeed.commit_token(),"
                     # The previous release's writers, during a rolling upgrade.
                     " pgfeed.append_v1(text, jsonb, text), pgfeed.append_many_v1(text, jsonb[], text[]),"
                     " pgfeed.invalidate_v1(text, text[]), pgfeed.tick_v1() TO {}"
