@@ -7,6 +7,7 @@ per process.
 """
 
 from pgfeed.cache import AsyncCache, Cache
+from pgfeed.connect import embedded_dsn
 from pgfeed.core.positions import Position
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
@@ -55,5 +56,6 @@ __all__ = [
     "append",
     "append_many",
     "commit_token",
+    "embedded_dsn",
     "invalidate",
 ]

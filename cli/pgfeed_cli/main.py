@@ -797,6 +797,13 @@ from pgfeed_cli.daemon_cmd import daemon_cmd  # noqa: E402
 
 cli.add_command(daemon_cmd)
 
+# -- the connection and the embedded server (their own module) ------------------
+from pgfeed_cli.server_cmd import dsn_cmd, psql_cmd, server_cmd  # noqa: E402
+
+cli.add_command(dsn_cmd)
+cli.add_command(psql_cmd)
+cli.add_command(server_cmd)
+
 
 def main() -> None:
     """Console-script entry point."""

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 import pytest
-from helpers import JsonLines
+from helpers import PGFEED, JsonLines
+from psycopg import conninfo as pg_conninfo
 from test_handlers import append
 from test_sync_reader import in_child
 from ticking import daemon, wait_for_leader
 
 import pgfeed
 from pgfeed import admin
+from pgfeed.connect import LIBPQ_ENV
 from pgfeed.errors import ForkedReader
 
 
@@ -188,3 +192,79 @@ async def test_a_following_reader_takes_a_resigned_lease_at_once_without_a_conne
             assert second._ticker.leading
     finally:
         await first.close()
+
+
+# -- the DSN and the embedded server, through the real CLI ----------------------
+def pgfeed_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PGFEED, *args], capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts: it is not running)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def bare_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a user who configured nothing: no DSN, no libpq
+    variables, an embedded server home of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in LIBPQ_ENV and not k.startswith("PGFEED_")}
+    env["PGFEED_HOME"] = str(tmp_path / "home")
+    return env
+
+
+def test_pgfeed_dsn_prints_the_dsn_pgfeed_would_use(bare_env: dict[str, str]) -> None:
+    given = pgfeed_cli("--dsn", "host=db.example dbname=shop", "dsn", env=bare_env)
+    assert (given.returncode, given.stdout) == (0, "host=db.example dbname=shop\n")
+    from_env = pgfeed_cli("dsn", env={**bare_env, "PGFEED_DSN": "postgresql://app@db.example/shop"})
+    assert from_env.stdout == "postgresql://app@db.example/shop\n"
+    libpq = pgfeed_cli("dsn", env={**bare_env, "PGHOST": "db.example", "PGPORT": "6543"})
+    assert libpq.returncode == 0, libpq.stderr
+    assert pg_conninfo.conninfo_to_dict(libpq.stdout.strip()) == {"host": "db.example", "port": "6543"}
+    assert not (Path(bare_env["PGFEED_HOME"]) / "pgdata").exists(), "no embedded server is needed for those"
+
+
+def test_the_embedded_server_dsn_psql_status_and_stop(bare_env: dict[str, str]) -> None:
+    try:
+        started = pgfeed_cli("dsn", env=bare_env)
+        assert started.returncode == 0, started.stderr
+        dsn = started.stdout.strip()
+        assert len(started.stdout.splitlines()) == 1
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # The public function says the same.
+        code = "import pgfeed; print(pgfeed.embedded_dsn()); print(pgfeed.connect.resolve().conninfo)"
+        same = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bare_env, check=True)
+        assert same.stdout.splitlines() == [dsn, dsn]
+        # psql on that DSN, arguments passed through.
+        psql = pgfeed_cli("psql", "-Atc", "SELECT 40 + 2", env=bare_env)
+        assert (psql.returncode, psql.stdout) == (0, "42\n"), psql.stderr
+        status = pgfeed_cli("server", "status", env=bare_env)
+        assert status.returncode == 0, status.stderr
+        pid = int((Path(bare_env["PGFEED_HOME"]) / "pgdata" / "postmaster.pid").read_text().split()[0])
+        assert re.match(rf"running: PostgreSQL \d+, pid {pid}, user ", status.stdout), status.stdout
+        assert f"dsn: {dsn}" in status.stdout
+        owner = psutil.Process(pid).username()
+        if os.geteuid() == 0:
+            assert owner != "root", "PostgreSQL runs as an unprivileged user"
+        assert f"user {owner}\n" in status.stdout
+        # Stopped, as its owner when we are root.
+        stopped = pgfeed_cli("server", "stop", env=bare_env)
+        assert stopped.returncode == 0, stopped.stderr
+        data_dir = Path(bare_env["PGFEED_HOME"]) / "pgdata"
+        assert stopped.stdout == f"stopped the embedded PostgreSQL (pid {pid}) in {data_dir}\n"
+        assert gone(pid)
+        after = pgfeed_cli("server", "status", env=bare_env)
+        assert after.returncode == 3
+        assert re.match(r"not running: PostgreSQL \d+ in ", after.stdout), after.stdout
+        assert pgfeed_cli("server", "stop", env=bare_env).stdout.startswith("not running")
+        code = (
+            "import pgfeed\ntry:\n    pgfeed.embedded_dsn(start=False)\nexcept pgfeed.ConnectError as e:\n    print(e)"
+        )
+        refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bare_env, check=True)
+        assert "the embedded PostgreSQL is not running" in refused.stdout
+    finally:
+        pgfeed_cli("server", "stop", env=bare_env)
