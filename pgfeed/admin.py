@@ -126,11 +126,7 @@ def drop_stream(conn: Conn, name: str) -> list[str]:
             sid = int(row[0])
             captured = _captured_tables(conn, sid)
             for schema, table in captured:
-                conn.execute(
-                    sql.SQL("DROP TRIGGER {} ON {}").format(
-                        sql.Identifier(_trigger_name(sid)), sql.Identifier(schema, table)
-                    )
-                )
+                _drop_capture(conn, sid, _table_oid(conn, schema, table)[0])
             conn.execute(sql.SQL("DROP TABLE {}").format(_partition(sid)))
             conn.execute("DELETE FROM pgfeed.streams WHERE id = %s", (sid,))
     except PgfeedError:
@@ -253,24 +249,66 @@ def grant_ticker(conn: Conn, role: str) -> None:
 
 
 def _trigger_name(sid: int) -> str:
+    """The row trigger of the capture into stream ``sid``."""
     return f"pgfeed_capture_{sid}"
 
 
+def _truncate_trigger_name(sid: int) -> str:
+    """The statement-level TRUNCATE trigger of the capture into stream ``sid``
+    (on the captured table and, for a partitioned table, on each partition)."""
+    return f"pgfeed_capture_{sid}_truncate"
+
+
 def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
-    """(schema, table) of every table captured into stream ``sid``; clones of a
-    partitioned table's trigger on its partitions are not listed."""
+    """(schema, table) of every table captured into stream ``sid``; the clones of
+    a partitioned table's triggers on its partitions are not listed."""
     rows = _q(
         conn,
-        "SELECT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE t.tgname = %s AND t.tgfoid = 'pgfeed.capture_v1()'::regprocedure AND t.tgparentid = 0"
+        " WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0"
+        # This release's function, and the previous release's, whose triggers
+        # keep working until the table is captured again.
+        "   AND t.tgfoid IN ('pgfeed.capture_v2()'::regprocedure, 'pgfeed.capture_v1()'::regprocedure)"
+        # A partition's own TRUNCATE trigger belongs to its captured ancestor's capture.
+        "   AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a JOIN pg_trigger p"
+        "                    ON p.tgrelid = a.relid AND p.tgname = t.tgname WHERE a.relid <> c.oid)"
         " ORDER BY 1, 2",
-        (_trigger_name(sid),),
+        (_trigger_name(sid), _truncate_trigger_name(sid)),
     ).fetchall()
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-CAPTURE_OPS = ("insert", "update", "delete")
+def _tree(conn: Conn, oid: int) -> list[sql.Identifier]:
+    """Table ``oid`` and, for a partitioned table, every partition below it."""
+    rows = _q(
+        conn,
+        "SELECT n.nspname, c.relname FROM (SELECT %s::oid AS relid, 0 AS level"
+        "  UNION SELECT relid, level FROM pg_partition_tree(%s)) t"
+        " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY t.level, 1, 2",
+        (oid, oid),
+    ).fetchall()
+    return [sql.Identifier(str(r[0]), str(r[1])) for r in rows]
+
+
+def _drop_capture(conn: Conn, sid: int, oid: int) -> None:
+    """Drop the triggers of the capture into stream ``sid`` from table ``oid``
+    and from its partitions (TRUNCATE triggers are not cloned: each has its own;
+    dropping the row trigger drops its clones)."""
+    rows = _q(
+        conn,
+        "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0"
+        "   AND (t.tgrelid = %s OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(%s)))",
+        (_trigger_name(sid), _truncate_trigger_name(sid), oid, oid),
+    ).fetchall()
+    for name, schema, table in rows:
+        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), sql.Identifier(schema, table)))
+
+
+CAPTURE_OPS = ("insert", "update", "delete", "truncate")
+_ROW_OPS = ("insert", "update", "delete")
 
 
 def _check_ops(ops: list[str] | None) -> list[str]:
@@ -284,7 +322,8 @@ def _check_ops(ops: list[str] | None) -> list[str]:
     return [o for o in CAPTURE_OPS if o in ops]
 
 
-def _table_oid(conn: Conn, schema: str, table: str) -> int:
+def _table_oid(conn: Conn, schema: str, table: str) -> tuple[int, str]:
+    """The oid and relkind (``r`` table, ``p`` partitioned) of ``schema.table``."""
     row = _q(
         conn,
         "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -296,7 +335,7 @@ def _table_oid(conn: Conn, schema: str, table: str) -> int:
         raise UsageError(f"unknown table {shown}: no such table (quote names with capitals: '\"Orders\"')")
     if row[1] not in ("r", "p"):
         raise UsageError(f"cannot capture {shown}: it is not a table (only tables and partitioned tables)")
-    return int(row[0])
+    return int(row[0]), str(row[1])
 
 
 def capture(
@@ -308,26 +347,38 @@ def capture(
     columns: list[str] | None = None,
     key: list[str] | None = None,
     ops: list[str] | None = None,
+    skip_unchanged: bool = False,
 ) -> list[str]:
-    """Install a row trigger on ``schema.table`` appending each change to ``stream``.
+    """Capture the changes of ``schema.table`` into ``stream``, in the writer's
+    own transaction (triggers running ``pgfeed.capture_v2``; docs/capture.md).
 
-    Each row appended is ``{"op", "table", "key": {key columns}, "row": {fields}}``
-    (``row`` holds ``columns`` only when given; a delete carries the old row),
-    in the writer's transaction; the event key is the ``key`` object as text.
-    ``ops`` is a subset of insert, update, delete (default all). Capturing the
-    same table into the same stream again replaces the previous settings.
-    Returns the key columns used. A table without a primary key needs ``key``.
+    Each changed row appends ``{"op", "table", "key": {key columns}, "row":
+    {fields}}`` (``row`` holds ``columns`` only when given; a delete carries
+    the old row); an update that changes the key adds ``"old_key"``; a
+    TRUNCATE appends ``{"op": "truncate", "table"}``. ``table`` is quoted as
+    PostgreSQL quotes it (``shop."Orders"``). The event's key (the ``key``
+    column) is the key object as JSON text. ``ops`` is a subset of insert,
+    update, delete, truncate (default all). ``skip_unchanged``: an update that
+    changes neither the key nor a captured column appends nothing.
+
+    Columns are bound by attribute number: renaming one is followed, dropping
+    a key or listed column makes writes to the table fail with a one-line
+    error naming the capture until it is captured again. Capturing the same
+    table into the same stream again replaces the previous settings (and a
+    capture of the previous release). Returns the key columns used. A table
+    without a primary key needs ``key``.
     """
     ops = _check_ops(ops)
     sid = stream_id(conn, stream)
+    shown = format_qualified_table(schema, table)
     try:
         with conn.transaction():
-            oid = _table_oid(conn, schema, table)
-            existing = {
-                str(r[0])
+            oid, kind = _table_oid(conn, schema, table)
+            attnums = {
+                str(r[0]): int(r[1])
                 for r in _q(
                     conn,
-                    "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                    "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
                     (oid,),
                 ).fetchall()
             }
@@ -343,46 +394,63 @@ def capture(
                     ).fetchall()
                 ]
                 if not key:
-                    shown = format_qualified_table(schema, table)
                     raise UsageError(f"table {shown} has no primary key: name the key columns with --key a,b")
             for col in [*key, *(columns or [])]:
-                if col not in existing:
-                    raise UsageError(f"table {format_qualified_table(schema, table)} has no column {col!r}")
-            trigger = sql.Identifier(_trigger_name(sid))
-            target = sql.Identifier(schema, table)
-            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, target))
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v1({}, {}, {})"
-                ).format(
-                    trigger,
-                    sql.SQL(" OR ").join(sql.SQL(o.upper()) for o in ops),
-                    target,
-                    sql.Literal(stream),
-                    sql.Literal(json.dumps(key)),
-                    sql.Literal(json.dumps(columns)),
+                if col not in attnums:
+                    raise UsageError(f"table {shown} has no column {col!r}")
+            # The arguments of pgfeed.capture_v2 (see migrations/0005_capture.sql).
+            options = [o for o, on in (("skip_unchanged", skip_unchanged), ("partitioned", kind == "p")) if on]
+            args = sql.SQL(", ").join(
+                sql.Literal(a)
+                for a in (
+                    stream,
+                    "{" + ",".join(str(attnums[c]) for c in key) + "}",
+                    "*" if columns is None else "{" + ",".join(str(attnums[c]) for c in columns) + "}",
+                    ",".join(options),
+                    json.dumps({"key": key, "columns": columns}),
                 )
             )
+            _drop_capture(conn, sid, oid)
+            row_ops = [o for o in ops if o in _ROW_OPS]
+            target = sql.Identifier(schema, table)
+            if row_ops:
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v2({})"
+                    ).format(
+                        sql.Identifier(_trigger_name(sid)),
+                        sql.SQL(" OR ").join(sql.SQL(o.upper()) for o in row_ops),
+                        target,
+                        args,
+                    )
+                )
+            if "truncate" in ops:
+                # Statement triggers are not cloned to partitions, and TRUNCATE
+                # of one partition fires only that partition's triggers.
+                for rel in _tree(conn, oid):
+                    conn.execute(
+                        sql.SQL(
+                            "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT"
+                            " EXECUTE FUNCTION pgfeed.capture_v2({})"
+                        ).format(sql.Identifier(_truncate_trigger_name(sid)), rel, args)
+                    )
     except PgfeedError:
         raise
     except psycopg.Error as exc:
-        raise translate(exc, f"capturing {format_qualified_table(schema, table)}") from None
+        raise translate(exc, f"capturing {shown}") from None
     return key
 
 
 def uncapture(conn: Conn, schema: str, table: str, stream: str) -> bool:
-    """Remove the capture of ``schema.table`` into ``stream``; return whether there was one."""
+    """Remove the capture of ``schema.table`` into ``stream`` (its row and
+    TRUNCATE triggers, partitions' included); return whether there was one."""
     sid = stream_id(conn, stream)
     try:
         with conn.transaction():
-            _table_oid(conn, schema, table)
+            oid, _ = _table_oid(conn, schema, table)
             found = (schema, table) in _captured_tables(conn, sid)
             if found:
-                conn.execute(
-                    sql.SQL("DROP TRIGGER {} ON {}").format(
-                        sql.Identifier(_trigger_name(sid)), sql.Identifier(schema, table)
-                    )
-                )
+                _drop_capture(conn, sid, oid)
     except PgfeedError:
         raise
     except psycopg.Error as exc:

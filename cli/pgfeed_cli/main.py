@@ -520,8 +520,14 @@ class _LineAppender:
 @click.argument("table", type=TABLE)
 @option("--stream", "stream_name", type=STREAM, required=True, help="Stream the changes go to.")
 @option("--columns", type=COLUMNS, default=None, help="Comma-separated columns to put in row (default: all).")
-@option("--ops", type=OPS, default="insert,update,delete", show_default=True, help="Operations to capture.")
+@option("--ops", type=OPS, default="insert,update,delete,truncate", show_default=True, help="Operations to capture.")
 @option("--key", "key_columns", type=COLUMNS, default=None, help="Key columns (default: the primary key).")
+@option(
+    "--skip-unchanged/--no-skip-unchanged",
+    default=False,
+    show_default=True,
+    help="Append nothing for an UPDATE that changes neither the key nor a captured column.",
+)
 @pass_ctx
 def capture_cmd(
     obj: Context,
@@ -530,23 +536,38 @@ def capture_cmd(
     columns: list[str] | None,
     ops: list[str],
     key_columns: list[str] | None,
+    skip_unchanged: bool,
 ) -> None:
-    """Capture row changes of [SCHEMA.]TABLE into a stream (row triggers).
+    """Capture row changes of [SCHEMA.]TABLE into a stream (triggers).
 
     Each inserted, updated or deleted row appends {"op", "table", "key",
     "row"} to the stream in the writer's own transaction: op is insert,
-    update or delete; table is schema.table (for a partitioned table, the
-    partition holding the row); key holds the key columns' values; row
-    holds the new row (the old one for a delete), limited to --columns. A
-    table without a primary key needs --key. Names are read as in SQL: quote
-    capitals, e.g. 'shop."Orders"'. TRUNCATE is not captured.
+    update or delete; table is schema.table quoted as PostgreSQL quotes it
+    (for a partitioned table, the table captured, and "partition" the one
+    holding the row); key holds the key columns' values; row holds the new
+    row (the old one for a delete), limited to --columns. An UPDATE that
+    changes the key also carries "old_key". A TRUNCATE appends {"op":
+    "truncate", "table"}: drop every row of that table. Renamed columns are
+    followed; dropping a key or --columns column makes writes fail until the
+    table is captured again. A table without a primary key needs --key.
+    Names are read as in SQL: quote capitals, e.g. 'shop."Orders"'.
     Capturing the same table into the same stream again replaces the
     settings. If the append fails (say the payload is over the stream's
-    limit), the writer's statement fails with pgfeed's error.
+    limit), the writer's statement fails with pgfeed's error. See
+    docs/capture.md.
     """
     schema, name = table
     with obj.conn("installing capture") as conn:
-        key = admin.capture(conn, schema, name, stream_name, columns=columns, key=key_columns, ops=ops)
+        key = admin.capture(
+            conn,
+            schema,
+            name,
+            stream_name,
+            columns=columns,
+            key=key_columns,
+            ops=ops,
+            skip_unchanged=skip_unchanged,
+        )
     shown = format_qualified_table(schema, name)
     click.echo(f"capturing {shown} into {stream_name} (key: {', '.join(quote_name(k) for k in key)})")
 
