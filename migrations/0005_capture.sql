@@ -103,35 +103,28 @@ BEGIN
     END LOOP;
 
     IF TG_OP = 'DELETE' THEN rec := to_jsonb(OLD); ELSE rec := to_jsonb(NEW); END IF;
-    FOR i IN 1 .. nk LOOP
-        k := k || jsonb_build_object(names[i], rec -> names[i]);
+    IF TG_OP = 'UPDATE' THEN old_rec := to_jsonb(OLD); END IF;
+    -- The key, and the listed columns, from the new row (the old one for a
+    -- delete) and, for an update, from the old row too. old_rec is NULL for
+    -- an insert or delete, and so are ok and prev then.
+    FOR i IN 1 .. cardinality(names) LOOP
+        IF i <= nk THEN
+            k := k || jsonb_build_object(names[i], rec -> names[i]);
+            ok := ok || jsonb_build_object(names[i], old_rec -> names[i]);
+        ELSE
+            cur := coalesce(cur, '{}') || jsonb_build_object(names[i], rec -> names[i]);
+            prev := coalesce(prev, '{}') || jsonb_build_object(names[i], old_rec -> names[i]);
+        END IF;
     END LOOP;
     IF TG_ARGV[2] = '*' THEN
         cur := rec;
-    ELSE
+        prev := old_rec;
+    ELSIF cur IS NULL THEN  -- an empty column list
         cur := '{}';
-        FOR i IN nk + 1 .. cardinality(names) LOOP
-            cur := cur || jsonb_build_object(names[i], rec -> names[i]);
-        END LOOP;
+        prev := '{}';
     END IF;
-    IF TG_OP = 'UPDATE' THEN
-        old_rec := to_jsonb(OLD);
-        FOR i IN 1 .. nk LOOP
-            ok := ok || jsonb_build_object(names[i], old_rec -> names[i]);
-        END LOOP;
-        IF 'skip_unchanged' = ANY (opts) AND ok = k THEN
-            IF TG_ARGV[2] = '*' THEN
-                prev := old_rec;
-            ELSE
-                prev := '{}';
-                FOR i IN nk + 1 .. cardinality(names) LOOP
-                    prev := prev || jsonb_build_object(names[i], old_rec -> names[i]);
-                END LOOP;
-            END IF;
-            IF prev = cur THEN
-                RETURN NULL;
-            END IF;
-        END IF;
+    IF TG_OP = 'UPDATE' AND 'skip_unchanged' = ANY (opts) AND ok = k AND prev = cur THEN
+        RETURN NULL;
     END IF;
 
     body := jsonb_build_object('op', lower(TG_OP), 'table', tbl, 'key', k, 'row', cur);
