@@ -1,0 +1,204 @@
+"""The recipes of docs/embedding.md, run as written, in real server processes.
+
+Each block of that page marked ``# file: NAME`` is copied into a directory and
+the server runs it: gunicorn with 2 sync workers and ``--preload`` (readers
+opened in ``post_worker_init``), uvicorn with 2 workers (an ``AsyncReader`` in
+the Starlette lifespan). A client writes and reads through HTTP, carrying the
+write's commit token, while the readers' backends are killed several times:
+no 5xx, no stale read, both workers serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+DOC = Path(__file__).parents[2] / "docs" / "embedding.md"
+READER_APP_NAME = "pgfeed-recipe-reader"
+WORKERS = 2
+WRITES = 60
+KILLS = (10, 22, 34, 46)  # kill the readers' backends before these writes
+
+
+def recipe_files() -> dict[str, str]:
+    """The ``# file: NAME`` code blocks of docs/embedding.md."""
+    blocks = re.findall(r"```python\n# file: (\S+)\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    return dict(blocks)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path, pgfeed_conn: psycopg.Connection[Any]) -> Path:
+    for name, text in recipe_files().items():
+        (tmp_path / name).write_text(text)
+    pgfeed_conn.execute("CREATE TABLE items (id int PRIMARY KEY, version int NOT NULL)")
+    pgfeed_conn.execute("INSERT INTO items SELECT g, 0 FROM generate_series(1, 3) g")
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lines:
+    """A process's stderr, read on a thread, so that waiting for a line can time out."""
+
+    def __init__(self, stream: Any) -> None:
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            for line in stream:
+                self._lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def so_far(self) -> list[str]:
+        """Every line read until now."""
+        while not self._lines.empty():
+            self.seen.append(self._lines.get_nowait())
+        return self.seen
+
+    def wait_for(self, pattern: str, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        found = sum(bool(re.search(pattern, line)) for line in self.seen)
+        while found < count:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{count} lines matching {pattern!r} did not come: {self.seen[-20:]}") from None
+            self.seen.append(line)
+            found += bool(re.search(pattern, line))
+
+
+@pytest.fixture
+def run_server(app_dir: Path, pgfeed_dsn: str) -> Iterator[Any]:
+    started: list[subprocess.Popen[str]] = []
+
+    def run(*command: str, ready: str) -> tuple[str, Lines]:
+        port = free_port()
+        env = {
+            **os.environ,
+            "APP_DSN": pgfeed_dsn,
+            "APP_READER_DSN": f"{pgfeed_dsn} application_name={READER_APP_NAME}",
+            "PYTHONPATH": str(app_dir),
+        }
+        args = [a.replace("{port}", str(port)) for a in command]
+        proc = subprocess.Popen(
+            args, cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        started.append(proc)
+        lines = Lines(proc.stderr)
+        lines.wait_for(ready, WORKERS)  # each worker says it has opened its reader
+        return f"http://127.0.0.1:{port}", lines
+
+    yield run
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def request(url: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)  # noqa: S310  # http, ours
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310  # the URL is built above
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")[-300:]}
+
+
+def kill_reader_backends(conn: psycopg.Connection[Any]) -> int:
+    """Terminate every backend of the apps' readers (and their embedded ticker's); how many."""
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND (application_name = %s OR pid = (SELECT backend_pid FROM pgfeed.ticker))",
+        (READER_APP_NAME,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def exercise(base: str, conn: psycopg.Connection[Any]) -> None:
+    """Write, then read with the write's token, through HTTP; kill the readers'
+    backends now and then. Every response is a 200 and fresh; both workers serve."""
+    failures: list[str] = []
+    killed: list[int] = []
+    writers: set[int] = set()
+    readers: set[int] = set()
+    for i in range(WRITES):
+        if i in KILLS:
+            killed.append(kill_reader_backends(conn))
+        key = 1 + i % 3
+        status, wrote = request(f"{base}/items?key={key}", "POST")
+        if status != 200:
+            failures.append(f"write {i}: HTTP {status} {wrote}")
+            continue
+        writers.add(wrote["pid"])
+        # Read it back several times: the requests land on either worker.
+        for _ in range(3):
+            status, read = request(f"{base}/items?key={key}&after={wrote['token']}")
+            if status != 200:
+                failures.append(f"read {i}: HTTP {status} {read}")
+                continue
+            readers.add(read["pid"])
+            if read["version"] < wrote["version"]:
+                failures.append(f"read {i}: stale version {read['version']} < {wrote['version']}")
+    assert failures == []
+    assert all(n >= WORKERS for n in killed), f"backends killed at each round: {killed}"
+    assert len(readers) == WORKERS, f"reads served by {readers}: both workers should have served"
+    final = dict(conn.execute("SELECT id, version FROM items").fetchall())
+    assert sum(final.values()) == WRITES
+
+
+@pytest.mark.skipif(shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None, reason="no gunicorn")
+def test_gunicorn_sync_workers_with_preload(run_server: Any, pgfeed_conn: psycopg.Connection[Any]) -> None:
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    base, lines = run_server(
+        gunicorn, "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:{port}", "wsgi_app:app", ready="pgfeed reader opened"
+    )
+    exercise(base, pgfeed_conn)
+    assert not [line for line in lines.so_far() if "ForkedReader" in line or "Traceback" in line]
+
+
+@pytest.mark.skipif(shutil.which("uvicorn", path=str(Path(sys.executable).parent)) is None, reason="no uvicorn")
+def test_uvicorn_workers_with_a_starlette_lifespan(run_server: Any, pgfeed_conn: psycopg.Connection[Any]) -> None:
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    base, lines = run_server(
+        uvicorn,
+        "asgi_app:app",
+        "--workers",
+        str(WORKERS),
+        "--port",
+        "{port}",
+        "--host",
+        "127.0.0.1",
+        ready="Application startup complete",
+    )
+    exercise(base, pgfeed_conn)
+    assert not [line for line in lines.so_far() if "Traceback" in line]
+
+
+def test_the_recipes_page_has_the_files_the_tests_run() -> None:
+    assert set(recipe_files()) == {"wsgi_app.py", "gunicorn.conf.py", "asgi_app.py"}
