@@ -825,6 +825,12 @@ cli.add_command(dsn_cmd)
 cli.add_command(psql_cmd)
 cli.add_command(server_cmd)
 
+# -- operating: status and check (their own module) ----------------------------
+from pgfeed_cli.status_cmd import check_cmd, status_cmd  # noqa: E402
+
+cli.add_command(status_cmd)
+cli.add_command(check_cmd)
+
 
 def main() -> None:
     """Console-script entry point."""
