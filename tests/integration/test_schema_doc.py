@@ -93,7 +93,8 @@ def describe(conn: psycopg.Connection[Any]) -> list[str]:
             if identity:
                 line += " GENERATED " + {"a": "ALWAYS", "d": "BY DEFAULT"}[identity] + " AS IDENTITY"
             elif default is not None:
-                line += (" GENERATED ALWAYS AS " if generated else " DEFAULT ") + default
+                # One line: PostgreSQL pretty-prints a CASE over several.
+                line += (" GENERATED ALWAYS AS " if generated else " DEFAULT ") + " ".join(default.split())
             lines.append(line)
         for con, definition in conn.execute(_CONSTRAINTS, (oid,)).fetchall():
             lines.append(f"  constraint {con} {definition}")
@@ -101,6 +102,7 @@ def describe(conn: psycopg.Connection[Any]) -> list[str]:
             unique = "UNIQUE " if definition.startswith("CREATE UNIQUE") else ""
             lines.append(f"  index {idx} {unique}USING {definition.split(' USING ', 1)[1]}")
         for policy, cmd, roles, using, check in conn.execute(_POLICIES, (name,)).fetchall():
+            using, check = (" ".join(str(e).split()) for e in (using, check))
             lines.append(f"  policy {policy} FOR {cmd} TO {roles} USING ({using}) WITH CHECK ({check})")
     lines.append(_describe_partitions(conn))
     for (seq,) in conn.execute(_SEQUENCES).fetchall():
