@@ -1202,8 +1202,11 @@ class AsyncReader:
                 log.info("listener connected")
                 self._listening = True
                 self._listener_up.set()
-                # LISTEN is live: now catch up (a notification is only a hint).
+                # LISTEN is live: now catch up (a notification is only a hint),
+                # and let the ticker claim, in case a resignation came while not listening.
                 self._wake.set()
+                if self._ticker is not None:
+                    self._ticker.poke()
                 backoff.reset()
                 await self._follow(conn, probe)
             except (psycopg.errors.FeatureNotSupported, psycopg.errors.ReadOnlySqlTransaction) as exc:
