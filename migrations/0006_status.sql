@@ -15,6 +15,8 @@
 --   a payload or a key. EXECUTE goes to pg_monitor (PostgreSQL's built-in
 --   monitoring role, which also lets the caller see other sessions in
 --   pg_stat_activity, as the holdback report needs) besides the owner.
+--   jit is off for them: planned on per-stream estimates, a report of a few
+--   streams would spend most of a second compiling.
 --
 -- Lag is counted in rows after a saved position, with the same two ordered
 -- scans as a reader's interval reads (see _insert_tick_v2 for why a closed
@@ -112,7 +114,7 @@ RETURNS TABLE (
     ticks_last_minute bigint,
     server_xmax       xid8
 )
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT now(), l.term, l.holder, l.kind, l.backend_pid, l.started_at, l.heartbeat_at,
            CASE WHEN isfinite(l.expires_at) THEN l.expires_at END, l.expires_at > clock_timestamp(),
            h.id, h.taken_at,
@@ -147,7 +149,7 @@ RETURNS TABLE (
     pending_since     timestamptz,
     captures          text[]
 )
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT s.id, s.name, to_regclass(format('pgfeed.%I', 'events_' || s.id))::oid, s.notify_mode,
            s.max_payload_bytes, s.created_tick, s.floor_tick, s.created_at,
            (SELECT count(*) FROM pgfeed.events e WHERE e.stream_id = s.id),
@@ -198,7 +200,7 @@ RETURNS TABLE (
     oldest_undelivered timestamptz,
     position_taken_at  timestamptz
 )
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT p.owner, p.consumer, p.stream, p.token, p.updated_at, p.seen_at, p.seen_by,
            s.id, s.created_tick, s.floor_tick, r.row_count, r.oldest,
            (SELECT t.taken_at FROM pgfeed.ticks t WHERE t.id = v.tick)
@@ -220,7 +222,7 @@ REVOKE ALL ON FUNCTION pgfeed.status_consumers_v2(text[]) FROM PUBLIC;
 -- sessions only as their owner may).
 CREATE FUNCTION pgfeed.status_committed_after_v2(stream_ids bigint[], xids xid8[])
 RETURNS TABLE (stream_id bigint, xid xid8, row_count bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT u.sid, u.x, (SELECT count(*) FROM pgfeed.events e WHERE e.stream_id = u.sid AND e.xid > u.x)
       FROM unnest(stream_ids, xids) AS u(sid, x)
 $$;

@@ -5,7 +5,8 @@ Run one or more (for availability; exactly one ticks, see
 readers. It heartbeats through the lease row, prunes on a schedule (never
 past a saved consumer position unless told to), reconnects with backoff, and
 stops cleanly on SIGTERM/SIGINT, resigning the lease so that another daemon
-takes over at once.
+takes over at once. With ``metrics_port`` it serves Prometheus metrics (its
+ticker's, and the database's read at scrape time, see :mod:`pgfeed.metrics`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 
@@ -39,6 +41,12 @@ class DaemonOptions:
     prune_every: float = 60.0
     #: Prune past saved consumer positions (those consumers then reset).
     prune_consumers: bool = False
+    #: Serve Prometheus metrics on this port (0: any free port; None: no metrics).
+    metrics_port: int | None = None
+    #: The address the metrics server listens on.
+    metrics_addr: str = "0.0.0.0"  # noqa: S104  # scraped from other hosts
+    #: How long one scrape may spend reading the database (seconds).
+    metrics_timeout: float = 5.0
 
 
 async def check_database(conninfo: str) -> None:
@@ -59,9 +67,17 @@ async def run_daemon(conninfo: str, options: DaemonOptions | None = None) -> Non
     """Tick and prune until SIGTERM/SIGINT (or cancellation)."""
     options = options or DaemonOptions()
     await check_database(conninfo)
+    metrics = _Metrics(conninfo, options) if options.metrics_port is not None else None
     ticker = Ticker(
-        conninfo, kind="daemon", lease=options.lease, interval=options.interval, idle_interval=options.idle_interval
+        conninfo,
+        kind="daemon",
+        lease=options.lease,
+        interval=options.interval,
+        idle_interval=options.idle_interval,
+        on_tick=metrics.ticker.on_tick if metrics is not None else None,
     )
+    if metrics is not None:
+        metrics.start(ticker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,10 +98,48 @@ async def run_daemon(conninfo: str, options: DaemonOptions | None = None) -> Non
             t.cancel()
         await asyncio.gather(*tasks, waiter, return_exceptions=True)
         await ticker.close()
+        if metrics is not None:
+            metrics.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         log.info("daemon stopped", ticks=ticker.stats.ticks)
+
+
+class _Metrics:
+    """The daemon's metrics server: its ticker's collector and the database's."""
+
+    def __init__(self, conninfo: str, options: DaemonOptions) -> None:
+        from prometheus_client import CollectorRegistry, ProcessCollector
+
+        from pgfeed.metrics import DatabaseCollector, TickerCollector
+
+        self.options = options
+        self.registry = CollectorRegistry()
+        self.ticker = TickerCollector()
+        self.database = DatabaseCollector(conninfo, timeout=options.metrics_timeout)
+        ProcessCollector(registry=self.registry)
+        self.server: Any = None
+
+    def start(self, ticker: Ticker) -> None:
+        from pgfeed.metrics import serve
+
+        self.ticker.attach(ticker)
+        self.registry.register(self.ticker)
+        self.registry.register(self.database)
+        assert self.options.metrics_port is not None
+        self.server = serve(self.registry, self.options.metrics_port, self.options.metrics_addr)
+        log.info(
+            "serving metrics",
+            url=f"http://{self.options.metrics_addr}:{self.server.server_port}/metrics",
+            port=self.server.server_port,
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.database.close()
 
 
 async def _retention(conninfo: str, ticker: Ticker, options: DaemonOptions) -> None:

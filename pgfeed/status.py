@@ -174,6 +174,7 @@ def gather(
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute("SET LOCAL jit = off")  # small reports: compiling would cost more than running
             return _gather(conn, names, thresholds, sessions)
     except psycopg.Error as exc:
         raise _error(exc, "reading pgfeed's status") from None

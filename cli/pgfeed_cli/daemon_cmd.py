@@ -36,13 +36,40 @@ def _duration(what: str, text: str, *, allow_off: bool = False) -> float | None:
 @click.option(
     "--prune-consumers", is_flag=True, help="Let retention pass saved consumer positions (they reset instead)."
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on http://ADDR:PORT/metrics (0: any free port).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",  # noqa: S104  # scraped from other hosts, like any exporter
+    show_default=True,
+    help="The address the metrics server listens on.",
+)
+@click.option(
+    "--metrics-timeout", default="5s", show_default=True, help="How long a scrape may spend reading the database."
+)
 @click.pass_obj
-def daemon_cmd(obj: Any, lease: str, interval: str, idle_interval: str, retention: str, prune_consumers: bool) -> None:
+def daemon_cmd(
+    obj: Any,
+    lease: str,
+    interval: str,
+    idle_interval: str,
+    retention: str,
+    prune_consumers: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
+    metrics_timeout: str,
+) -> None:
     """Run the database's ticker (and retention) until SIGTERM/SIGINT.
 
     Run one or more per database: exactly one ticks, another takes over within
     --lease when it dies. Readers then never write and writers never NOTIFY.
-    Logs go to stderr (human on a terminal, JSON otherwise).
+    Logs go to stderr (human on a terminal, JSON otherwise). --metrics-port
+    serves its ticker's metrics and the database's status (lag, backlog, open
+    writers; its role needs pg_monitor for those), see docs/operating.md.
     """
     options = DaemonOptions(
         lease=_duration("--lease", lease) or 10.0,
@@ -50,6 +77,9 @@ def daemon_cmd(obj: Any, lease: str, interval: str, idle_interval: str, retentio
         idle_interval=_duration("--idle-interval", idle_interval) or 0.05,
         retention=_duration("--retention", retention, allow_off=True),
         prune_consumers=prune_consumers,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
+        metrics_timeout=_duration("--metrics-timeout", metrics_timeout) or 5.0,
     )
     if options.idle_interval < options.interval:
         raise click.BadParameter("must not be shorter than --interval", param_hint="--idle-interval")
