@@ -831,6 +831,11 @@ from pgfeed_cli.status_cmd import check_cmd, status_cmd  # noqa: E402
 cli.add_command(status_cmd)
 cli.add_command(check_cmd)
 
+# -- a consumer as a service (its own module) ------------------------------------
+from pgfeed_cli.run_cmd import run_cmd  # noqa: E402
+
+cli.add_command(run_cmd)
+
 
 def main() -> None:
     """Console-script entry point."""
