@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from pgfeed import store
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.health import make_application_name
 from pgfeed.core.names import check_stream_name
@@ -177,10 +178,11 @@ async def run_consumer(
                     with contextlib.suppress(asyncio.CancelledError):
                         await beats
                 stats.position = sub.position
-        # Closed: the reader saved the delivered position.
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if stats.position is not None:
+            await _save_final(named, options, stats.position)
     log.info("consumer stopped", batches=stats.batches, rows=stats.rows, position=str(stats.position))
     return stats
 
@@ -257,6 +259,25 @@ async def _handle(
                     batch=str(batch.position),
                 )
                 return False
+
+
+async def _save_final(conninfo: str, options: RunOptions, position: Position) -> None:
+    """Save the delivered position once more after the reader closed.
+
+    The reader saves on close too, but a close that races its periodic save
+    in flight can cancel that save and keep an older position (more rows would
+    come again). The reader is closed, so nothing else writes this consumer's
+    row now (one process per consumer name)."""
+    try:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+            await store.save_positions(conn, [(options.consumer, options.stream, str(position))])
+    except (psycopg.Error, OSError) as exc:
+        log.warning(
+            "could not save the final position; the rows after the last save come again",
+            consumer=options.consumer,
+            position=str(position),
+            error=_one_line(exc),
+        )
 
 
 async def _acknowledge(sub: Subscription, position: Position) -> None:
