@@ -49,6 +49,7 @@ from pgfeed.errors import (
     ForkedReader,
     FutureToken,
     HandlerFailed,
+    PermissionDenied,
     PgfeedError,
     ReaderClosed,
     TokenError,
@@ -1095,7 +1096,10 @@ class AsyncReader:
                 backoff.reset()
             except PgfeedError as exc:
                 delay = backoff.next_delay()
-                log.warning("reading the newest tick failed; retrying", error=str(exc), retry_in=round(delay, 3))
+                # A missing grant is not transient and not this loop's to report:
+                # every subscription's own read fails with it, once, to its caller.
+                report = log.debug if isinstance(exc, PermissionDenied) else log.warning
+                report("reading the newest tick failed; retrying", error=str(exc), retry_in=round(delay, 3))
                 await asyncio.sleep(delay)
                 self._wake.set()
 
