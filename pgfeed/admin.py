@@ -213,6 +213,7 @@ def grant_reader(conn: Conn, role: str) -> None:
             conn.execute(
                 sql.SQL(
                     "GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),"
+                    " pgfeed.read_live_v3(bigint, text[], bigint[], integer),"
                     " pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),"
                     " pgfeed.resolve_token_v2(text) TO {}"
                 ).format(r)

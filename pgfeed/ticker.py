@@ -330,7 +330,7 @@ class Ticker:
             # their class to: match the code, not the class.
             if exc.sqlstate == "PF001":  # superseded: fenced off
                 raise _Superseded from None
-            if exc.sqlstate == "PF002":  # the database's xids went back
+            if exc.sqlstate in ("PF002", "PF004"):  # another history: restored, not repaired
                 raise PgfeedError(_primary(exc)) from None
             raise translate(exc, "ticking") from None
 

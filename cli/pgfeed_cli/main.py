@@ -664,6 +664,40 @@ def prune_cmd(obj: Context, older_than: float, dry_run: bool, prune_consumers: b
     )
 
 
+# -- repair -------------------------------------------------------------------
+@cli.command("repair")
+@option(
+    "--after-restore",
+    "after_restore",
+    is_flag=True,
+    help="Continue the feed on a database restored into another cluster (pg_dump/pg_restore).",
+)
+@option("--dry-run", is_flag=True, help="Say what is wrong and what the repair would move; change nothing.")
+@pass_ctx
+def repair_cmd(obj: Context, after_restore: bool, dry_run: bool) -> None:
+    """Make a restored database deliver again, with no row skipped.
+
+    The ticker refuses to tick on a dump restored into another cluster while
+    rows appended there would be skipped; this advances the cluster's
+    transaction ids past the restored ticks' and moves those rows into the
+    next interval, after the restored history. Run it as the schema owner.
+    """
+    from pgfeed.repair import repair_after_restore
+
+    if not after_restore:
+        raise click.UsageError("say what to repair: --after-restore")
+    with obj.conn("repairing") as conn:
+        result = repair_after_restore(conn, dry_run=dry_run)
+    if result.reason is None:
+        click.echo("nothing to repair: the newest tick continues on this database")
+        return
+    behind = f"advance {result.xids_behind:,} transaction ids, " if result.xids_behind else ""
+    if dry_run:
+        click.echo(f"would repair: {result.reason}; would {behind}move {result.rows_moved} rows to the next tick")
+    else:
+        click.echo(f"repaired: {behind.replace('advance', 'advanced')}moved {result.rows_moved} rows to the next tick")
+
+
 # -- tail ---------------------------------------------------------------------
 @cli.command("tail", needs=READER)
 @click.argument("stream_name", metavar="STREAM", type=STREAM)

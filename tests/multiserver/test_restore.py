@@ -6,13 +6,14 @@ majors (both keep the transaction ids)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from ticking import daemon, wait_for_leader
+from ticking import PGFEED, daemon, wait_for_leader
 
 import pgfeed
 from pgfeed import admin
@@ -71,32 +72,50 @@ class Restored:
         return "\n".join(lines)
 
 
+@dataclass
+class Dumped:
+    path: Path
+    saved: str  # a follower's position at the end of the source's history
+    rows: list[Id]
+    newest: int  # the newest tick's id and snapshot xmax
+    xmax: int
+
+
+async def _dumped_feed(made: list[Server], bin_dir: Path, tmp: Path) -> Dumped:
+    """A cluster that has lived a little (xids burnt), a stream written by 4
+    writers and followed to its end, dumped with pg_dump -Fc; then stopped."""
+    source = Server(bin_dir, "source")
+    made.append(source)
+    source.init()
+    src = source.create_database("feed")
+    with psycopg.connect(src, autocommit=True) as conn:
+        admin.create_stream(conn, STREAM)
+    source.burn_xids(3000, "feed")
+    with daemon(src):
+        writers = Writers(src, STREAM, "old", count=4, per_writer=10).start()
+        await asyncio.to_thread(writers.join)
+        follower = await Follower("source", src, STREAM).start()
+        try:
+            await follower.wait_for(end_marker(src, STREAM))
+            saved = str(follower.sub.position)
+        finally:
+            await follower.close()
+    newest, xmax = _newest_tick(src)
+    dump = tmp / "feed.dump"
+    done = tool(bin_dir, "pg_dump", "-Fc", "-h", "127.0.0.1", "-p", str(source.port), "-U", "postgres",
+                "-d", "feed", "-f", str(dump))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = sorted(stored_rows(src, STREAM))
+    source.stop()
+    return Dumped(dump, saved, rows, newest, xmax)
+
+
 async def _dump_restore(bin_dir: Path, tmp: Path) -> Restored:
     out = Restored()
     with servers() as made:
-        source = Server(bin_dir, "source")
-        made.append(source)
-        source.init()
-        src = source.create_database("feed")
-        with psycopg.connect(src, autocommit=True) as conn:
-            admin.create_stream(conn, STREAM)
-        source.burn_xids(3000, "feed")  # a cluster that has lived a little
-        with daemon(src):
-            writers = Writers(src, STREAM, "old", count=4, per_writer=10).start()
-            await asyncio.to_thread(writers.join)
-            follower = await Follower("source", src, STREAM).start()
-            try:
-                await follower.wait_for(end_marker(src, STREAM))
-                out.saved = str(follower.sub.position)
-            finally:
-                await follower.close()
-        out.old_rows = len(stored_rows(src, STREAM))
-        out.newest_before, out.source_xmax = _newest_tick(src)
-        dump = tmp / "feed.dump"
-        done = tool(bin_dir, "pg_dump", "-Fc", "-h", "127.0.0.1", "-p", str(source.port), "-U", "postgres",
-                    "-d", "feed", "-f", str(dump))  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        source.stop()
+        dumped = await _dumped_feed(made, bin_dir, tmp)
+        dump, out.saved, out.old_rows = dumped.path, dumped.saved, len(dumped.rows)
+        out.newest_before, out.source_xmax = dumped.newest, dumped.xmax
 
         target = Server(bin_dir, "fresh")
         made.append(target)
@@ -174,6 +193,114 @@ def test_readers_on_the_restored_database_refuse_it_in_one_line(restored: Restor
 def test_wait_for_on_a_restored_database_does_not_return_before_the_row_is_delivered(restored: Restored) -> None:
     assert not restored.wait_for.startswith("returned"), f"wait_for {restored.wait_for}"
     assert "behind its newest tick" in restored.wait_for, restored.wait_for
+
+
+# -- the repair: continue a restored database with no row skipped -----------
+
+
+@dataclass
+class Repaired:
+    dry_run: str = ""
+    refused_after_xids_passed: str = ""
+    repairs: list[str] = field(default_factory=list)
+    window: dict[str, list[Id]] = field(default_factory=dict)
+    old: list[Id] = field(default_factory=list)
+    followers: dict[str, Follower] = field(default_factory=dict)
+
+
+def _pgfeed(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PGFEED, "--dsn", dsn, *args], capture_output=True, text=True, timeout=120)
+
+
+def _daemon_refusal(dsn: str) -> str:
+    """Run the daemon; it must exit at once with one error line (returned)."""
+    with daemon(dsn, wait=False) as proc:
+        code = proc.wait(30)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+    assert code not in (None, 0), stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+async def _restore_and_repair(bin_dir: Path, tmp: Path) -> Repaired:
+    """Two databases restored from one dump into a fresh cluster whose xids
+    are behind; rows appended to both before anything is repaired. The first
+    repair advances the cluster's xids (step 1) and moves its rows; the second
+    database, whose xids have now passed its ticks', must still be refused
+    (its window rows would be skipped) until its own repair moves them."""
+    out = Repaired()
+    with servers() as made:
+        dumped = await _dumped_feed(made, bin_dir, tmp)
+        dump, saved, out.old = dumped.path, dumped.saved, dumped.rows
+
+        target = Server(bin_dir, "fresh")
+        made.append(target)
+        target.init()
+        dsns = {}
+        for name in ("one", "two"):
+            dsns[name] = target.create_database(name, migrated=False)
+            done = tool(bin_dir, "pg_restore", "-h", "127.0.0.1", "-p", str(target.port), "-U", "postgres",
+                        "-d", name, "--exit-on-error", str(dump))  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            out.window[name] = []
+            with psycopg.connect(dsns[name], autocommit=True) as conn:
+                for i in range(20 if name == "one" else 7):
+                    with conn.transaction():
+                        pgfeed.append(conn, STREAM, {"phase": f"window-{name}", "w": 0, "i": i})
+                    out.window[name].append((f"window-{name}", 0, i))
+        assert target.xmax() < _newest_tick(dsns["one"])[1], "the fresh cluster's xids are not behind"
+
+        dry = _pgfeed(dsns["one"], "repair", "--after-restore", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        out.dry_run = dry.stdout.strip()
+        for name in ("one", "two"):
+            if name == "two":
+                assert target.xmax() > _newest_tick(dsns["two"])[1], "the first repair did not advance the xids"
+                out.refused_after_xids_passed = _daemon_refusal(dsns["two"])
+            done = _pgfeed(dsns[name], "repair", "--after-restore")
+            assert done.returncode == 0, done.stderr
+            out.repairs.append(done.stdout.strip())
+            again = _pgfeed(dsns[name], "repair", "--after-restore")
+            assert again.stdout.strip().startswith("nothing to repair"), again.stdout + again.stderr
+            with daemon(dsns[name]):
+                for f_name, since in (("earliest", "earliest"), ("resumed", saved)):
+                    f = await Follower(f"{name}-{f_name}", dsns[name], STREAM, since=since).start()
+                    out.followers[f"{name}-{f_name}"] = f
+                    try:
+                        await f.wait_for(end_marker(dsns[name], STREAM))
+                    finally:
+                        await f.close()
+    return out
+
+
+async def test_repair_after_restore_delivers_every_row_appended_before_it_after_the_restored_history(
+    tmp_path: Path,
+) -> None:
+    bin_dir = pg_bin("pg_dump", "pg_restore")
+    out = await _restore_and_repair(bin_dir, tmp_path)
+    assert out.dry_run.startswith("would repair: "), out.dry_run
+    assert "would advance" in out.dry_run, out.dry_run
+    assert "move 20 rows" in out.dry_run, out.dry_run
+    assert out.repairs[0].startswith("repaired: advanced "), out.repairs
+    assert out.repairs[0].endswith("moved 20 rows to the next tick"), out.repairs
+    # The xids passed the second database's ticks; its window rows are still
+    # there, so the ticker still refuses (it no longer lifts by itself).
+    assert out.refused_after_xids_passed.startswith("pgfeed: error: "), out.refused_after_xids_passed
+    assert "7 rows were appended" in out.refused_after_xids_passed, out.refused_after_xids_passed
+    assert "pgfeed repair --after-restore" in out.refused_after_xids_passed
+    assert out.repairs[1] == "repaired: moved 7 rows to the next tick", out.repairs
+    for name in ("one", "two"):
+        window = out.window[name]
+        earliest, resumed = out.followers[f"{name}-earliest"], out.followers[f"{name}-resumed"]
+        for f in (earliest, resumed):
+            assert f.reset_batches == 0, f.summary()
+            assert_in_order(f)
+            assert len(set(f.ids)) == len(f.ids), f"{f.name}: a row twice"
+        # The whole restored history, then what was appended before the repair, in append order.
+        assert sorted(earliest.ids[: len(out.old)]) == out.old, earliest.summary()
+        assert earliest.ids[len(out.old) :] == window, earliest.summary()
+        assert resumed.ids == window, resumed.summary()
 
 
 # -- a physical restore and pg_upgrade keep the transaction ids --------------

@@ -1,0 +1,378 @@
+-- pgfeed 0007: continuity across the database's own life (see docs/design.md,
+-- "When the database changes under you").
+--
+-- * Every tick records the cluster that took it (system_id, from
+--   pg_control_system()) and a fingerprint (fp) of everything that makes it
+--   that tick: id, snapshot, seq bounds, term, the server's clock at the
+--   tick, cluster. A promoted standby that reuses a tick id, or a restored
+--   database that is not the one a reader or a token saw, shows a different
+--   fingerprint for the same id. Readers compare fingerprints of the ticks
+--   they know; position tokens and saved consumer positions carry them.
+-- * A tick on another cluster than the newest tick's (a dump restored into a
+--   new cluster, pg_upgrade) continues the history only when that is sound:
+--   the event sequence did not go back, and no row was appended with a
+--   transaction id the restored ticks already count as ended (such a row
+--   would never be delivered). Otherwise the ticker refuses, permanently,
+--   with SQLSTATE PF004, until `pgfeed repair --after-restore` has moved
+--   those rows into the next interval (repair_restamp_v3, after
+--   advance_xids_v3 brought the cluster's transaction ids past the
+--   restored ticks').
+-- * prune_v2 protects saved positions of the form TICK.SEQ (it recognised
+--   only TICK and the 0.1 form): a consumer at a partial position was
+--   reset instead of kept.
+--
+-- Every object of 0001-0006 keeps its signature, so readers and writers of
+-- the previous release keep working while this is installed.
+
+ALTER TABLE pgfeed.ticks ADD COLUMN system_id bigint;
+ALTER TABLE pgfeed.ticks ADD COLUMN fp bigint;
+COMMENT ON COLUMN pgfeed.ticks.system_id IS
+    'pg_control_system().system_identifier of the cluster that took the tick (NULL: taken before 0007).';
+COMMENT ON COLUMN pgfeed.ticks.fp IS
+    'Fingerprint of the tick (pgfeed._tick_fp_v3): the same id with another fingerprint is another history.';
+
+ALTER TABLE pgfeed.positions ADD COLUMN tick_fp bigint;
+COMMENT ON COLUMN pgfeed.positions.tick_fp IS
+    'Fingerprint of the tick the saved position names, as the consumer saw it (NULL: saved before 0007).';
+
+-- The fingerprint: 60 bits of an MD5 over the tick's fields (an integrity
+-- check against another history, not a secret).
+CREATE FUNCTION pgfeed._tick_fp_v3(
+    id bigint, snap pg_snapshot, seq_lo bigint, seq_hi bigint, taken_at timestamptz, term bigint, system_id bigint
+) RETURNS bigint
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ('x' || left(md5(concat_ws('|', id, snap::text, coalesce(seq_lo::text, '-'), coalesce(seq_hi::text, '-'),
+                                      (extract(epoch FROM taken_at) * 1000000)::bigint,
+                                      coalesce(term::text, '-'), coalesce(system_id::text, '-'))), 15))::bit(60)::bigint
+$$;
+
+UPDATE pgfeed.ticks t SET fp = pgfeed._tick_fp_v3(t.id, t.snap, t.seq_lo, t.seq_hi, t.taken_at, t.term, NULL);
+
+-- This cluster's identity; NULL where the owner may not read pg_control
+-- (then only the transaction-id and sequence checks guard a restore).
+CREATE FUNCTION pgfeed._system_id_v3() RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT c.system_identifier FROM pg_control_system() c);
+EXCEPTION WHEN insufficient_privilege THEN
+    RETURN NULL;
+END $$;
+
+-- Why the newest tick cannot be continued on this database, or NULL when it
+-- can. For the ticker (_insert_tick_v2), `pgfeed status` and the repair.
+-- SECURITY DEFINER so that a monitoring role may ask: it returns a reason,
+-- never a row.
+CREATE FUNCTION pgfeed._history_break_v3() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_id   bigint;
+    last_snap pg_snapshot;
+    last_hi   bigint;
+    last_sys  bigint;
+    sys       bigint := pgfeed._system_id_v3();
+    cur_xmax  xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    n         bigint;
+BEGIN
+    SELECT t.id, t.snap, t.seq_hi, t.system_id INTO last_id, last_snap, last_hi, last_sys
+      FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    IF last_snap IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cur_xmax < pg_snapshot_xmax(last_snap) THEN
+        RETURN format('this server''s transaction ids (%s) are behind the newest tick %s (%s): '
+                      'the database was restored into another cluster; run `pgfeed repair --after-restore`',
+                      cur_xmax, last_id, pg_snapshot_xmax(last_snap));
+    END IF;
+    IF last_sys IS NOT NULL AND sys IS NOT NULL AND last_sys = sys THEN
+        RETURN NULL;  -- the cluster that took the newest tick
+    END IF;
+    IF last_hi IS NOT NULL AND pgfeed._seq_now_v2() < last_hi THEN
+        RETURN format('pgfeed.event_seq (%s) is behind the newest tick %s (%s): the database was restored '
+                      'without its sequences; restore them, then run `pgfeed repair --after-restore`',
+                      pgfeed._seq_now_v2(), last_id, last_hi);
+    END IF;
+    -- No row above seq_hi is visible in a tick (docs/design.md, "Ticks"): one
+    -- that is was appended on this cluster with a transaction id the restored
+    -- ticks count as ended, and would be skipped.
+    IF last_hi IS NOT NULL THEN
+        SELECT count(*) INTO n FROM pgfeed.events e
+         WHERE e.seq > last_hi AND pg_visible_in_snapshot(e.xid, last_snap);
+        IF n > 0 THEN
+            RETURN format('%s rows were appended on this database while its transaction ids were behind the '
+                          'restored newest tick %s: the database was restored into another cluster; run '
+                          '`pgfeed repair --after-restore`', n, last_id);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed._history_break_v3() FROM PUBLIC;
+
+-- As in 0004, plus: the cluster and fingerprint are recorded, and a tick on
+-- another cluster than the newest tick's is refused while
+-- _history_break_v3() names a reason (PF004: permanent until repaired, where
+-- 0004's PF002 lifted by itself once the transaction ids passed the
+-- restored ones, skipping the rows written meanwhile).
+CREATE OR REPLACE FUNCTION pgfeed._insert_tick_v2(tick_term bigint, seq_lo bigint) RETURNS TABLE (id bigint, snap text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    own       xid8;
+    last_id   bigint;
+    last_snap pg_snapshot;
+    last_lo   bigint;
+    last_sys  bigint;
+    sys       bigint;
+    why       text;
+    current   pg_snapshot;
+    top       xid8;
+    lo        bigint := seq_lo;
+    hi        bigint;
+    running   xid8[];
+    taken     timestamptz;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgfeed: ticks must be taken at READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = '25001';
+    END IF;
+    own := pg_current_xact_id();
+    PERFORM pg_advisory_xact_lock(7451287230471176193);
+    SELECT t.id, t.snap, t.seq_lo, t.system_id INTO last_id, last_snap, last_lo, last_sys
+      FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    SELECT s INTO current FROM pg_current_snapshot() AS s;
+    hi := pgfeed._seq_now_v2();
+    sys := pgfeed._system_id_v3();
+    IF last_snap IS NOT NULL AND pg_snapshot_xmax(current) < pg_snapshot_xmax(last_snap) THEN
+        RAISE EXCEPTION 'pgfeed: refusing to tick: this server''s transaction ids (%) are behind the newest tick % (%)',
+            pg_snapshot_xmax(current), last_id, pg_snapshot_xmax(last_snap)
+            USING ERRCODE = 'PF002',
+                  HINT = 'The database was restored into a new cluster; run `pgfeed repair --after-restore`.';
+    END IF;
+    IF last_snap IS NOT NULL AND (last_sys IS NULL OR sys IS NULL OR last_sys <> sys) THEN
+        why := pgfeed._history_break_v3();
+        IF why IS NOT NULL THEN
+            RAISE EXCEPTION 'pgfeed: refusing to tick: %', why
+                USING ERRCODE = 'PF004',
+                      HINT = 'See "When the database changes under you" in docs/design.md.';
+        END IF;
+    END IF;
+    IF lo IS NOT NULL THEN
+        top := greatest(own, pg_snapshot_xmax(current));
+    ELSE
+        top := coalesce(pg_snapshot_xmax(last_snap), pg_snapshot_xmax(current));
+        lo := CASE WHEN last_snap IS NULL THEN 0 ELSE last_lo END;
+    END IF;
+    -- See 0004 for why every xid between the snapshot's xmax and top counts
+    -- as running.
+    running := ARRAY(
+        SELECT x FROM pg_snapshot_xip(current) x WHERE x < top
+        UNION SELECT own WHERE own < top
+        UNION SELECT i::text::xid8 FROM generate_series(pg_snapshot_xmax(current)::text::bigint, top::text::bigint - 1) i
+        ORDER BY 1);
+    current := format('%s:%s:%s', coalesce((SELECT min(x) FROM unnest(running) x), top), top,
+                      array_to_string(running, ','))::pg_snapshot;
+    taken := clock_timestamp();
+    INSERT INTO pgfeed.ticks (id, snap, taken_at, seq_lo, seq_hi, term, system_id, fp)
+        VALUES (coalesce(last_id, 0) + 1, current, taken, lo, hi, tick_term, sys,
+                pgfeed._tick_fp_v3(coalesce(last_id, 0) + 1, current, lo, hi, taken, tick_term, sys));
+    PERFORM pg_notify('pgfeed_v2_ticks', (coalesce(last_id, 0) + 1)::text);
+    RETURN QUERY SELECT coalesce(last_id, 0) + 1, current::text;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed._insert_tick_v2(bigint, bigint) FROM PUBLIC;
+
+-- The repair, step 1: end transactions until this cluster's next transaction
+-- id is past target (the restored newest tick's xmax). A procedure, so that
+-- each iteration commits; the caller turns synchronous_commit off first.
+-- (No SET clause, no SECURITY DEFINER: both forbid COMMIT in a procedure;
+-- every name is schema-qualified instead.)
+CREATE PROCEDURE pgfeed.advance_xids_v3(target xid8)
+LANGUAGE plpgsql AS $$
+BEGIN
+    WHILE pg_catalog.pg_current_xact_id() < target LOOP
+        COMMIT;
+    END LOOP;
+    COMMIT;
+END $$;
+REVOKE ALL ON PROCEDURE pgfeed.advance_xids_v3(xid8) FROM PUBLIC;
+
+-- The repair, step 2, in a transaction of its own: give every row the
+-- restored ticks wrongly count as delivered (appended on this cluster with a
+-- transaction id below theirs) this transaction's id, so that they form part
+-- of the next interval, after the whole restored history, in append order.
+-- Refuses while a transaction that could still append such a row runs.
+-- Returns how many rows moved (dry_run: would move).
+CREATE FUNCTION pgfeed.repair_restamp_v3(dry_run boolean DEFAULT false) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_id   bigint;
+    last_snap pg_snapshot;
+    last_hi   bigint;
+    blockers  text;
+    n         bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7451287230471176193);
+    SELECT t.id, t.snap, t.seq_hi INTO last_id, last_snap, last_hi FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    IF last_snap IS NULL OR last_hi IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF dry_run THEN
+        SELECT count(*) INTO n FROM pgfeed.events e
+         WHERE e.seq > last_hi AND pg_visible_in_snapshot(e.xid, last_snap);
+        RETURN n;
+    END IF;
+    IF pg_snapshot_xmax(pg_current_snapshot()) < pg_snapshot_xmax(last_snap) THEN
+        RAISE EXCEPTION 'pgfeed: this server''s transaction ids (%) are still behind the newest tick % (%)',
+            pg_snapshot_xmax(pg_current_snapshot()), last_id, pg_snapshot_xmax(last_snap)
+            USING ERRCODE = 'PF004', HINT = 'Call pgfeed.advance_xids_v3 first.';
+    END IF;
+    IF pg_snapshot_xmin(pg_current_snapshot()) < pg_snapshot_xmax(last_snap) THEN
+        SELECT string_agg(format('pid %s (%s, %s)', a.pid, coalesce(nullif(a.application_name, ''), '-'),
+                                 coalesce(a.state, '?')), ', ' ORDER BY a.pid)
+          INTO blockers FROM pg_stat_activity a
+         WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid();
+        RAISE EXCEPTION 'pgfeed: transactions that began before the repair are still open: %',
+            coalesce(blockers, 'none visible to this role')
+            USING ERRCODE = '55006', HINT = 'Let them end (or terminate them), then run the repair again.';
+    END IF;
+    UPDATE pgfeed.events e SET xid = pg_current_xact_id()
+     WHERE e.seq > last_hi AND pg_visible_in_snapshot(e.xid, last_snap);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.repair_restamp_v3(boolean) FROM PUBLIC;
+
+-- Retention as in 0004, protecting saved positions TICK.SEQ too (they need
+-- tick TICK - 1, like the 0.1 form TICK.XID.SEQ).
+CREATE OR REPLACE FUNCTION pgfeed.prune_v2(older_than interval, protect_consumers boolean DEFAULT true, dry_run boolean DEFAULT false)
+RETURNS TABLE (floor_tick bigint, ticks_deleted bigint, events_deleted bigint, held_by_consumers boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cut      bigint;
+    keep     bigint;
+    cut_snap pg_snapshot;
+    n_ticks  bigint;
+    n_events bigint;
+    held     boolean := false;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'pgfeed: invalid retention %', coalesce(older_than::text, 'NULL')
+            USING ERRCODE = '22023', HINT = 'Give a non-negative interval, e.g. ''7 days''.';
+    END IF;
+    SELECT t.id INTO cut
+        FROM pgfeed.ticks t
+        WHERE t.taken_at < now() - older_than AND t.id < (SELECT max(id) FROM pgfeed.ticks)
+        ORDER BY t.id DESC LIMIT 1;
+    IF cut IS NOT NULL AND protect_consumers THEN
+        SELECT min(CASE WHEN p.token ~ '^[0-9]+$' THEN p.token::bigint
+                        ELSE split_part(p.token, '.', 1)::bigint - 1 END)
+          INTO keep FROM pgfeed.positions p WHERE p.token ~ '^[0-9]{1,18}(\.[0-9]{1,18}){0,2}$';
+        IF keep IS NOT NULL AND keep < cut THEN
+            held := true;
+            SELECT t.id INTO cut FROM pgfeed.ticks t WHERE t.id <= keep ORDER BY t.id DESC LIMIT 1;
+        END IF;
+    END IF;
+    IF cut IS NULL THEN
+        RETURN QUERY SELECT coalesce((SELECT max(s.floor_tick) FROM pgfeed.streams s), 0), 0::bigint, 0::bigint, held;
+        RETURN;
+    END IF;
+    SELECT t.snap INTO cut_snap FROM pgfeed.ticks t WHERE t.id = cut;
+    IF dry_run THEN
+        SELECT count(*) INTO n_events FROM pgfeed.events e
+            WHERE e.xid < pg_snapshot_xmax(cut_snap) AND pg_visible_in_snapshot(e.xid, cut_snap);
+        SELECT count(*) INTO n_ticks FROM pgfeed.ticks t WHERE t.id < cut;
+        RETURN QUERY SELECT cut, n_ticks, n_events, held;
+        RETURN;
+    END IF;
+    DELETE FROM pgfeed.events e
+        WHERE e.xid < pg_snapshot_xmax(cut_snap) AND pg_visible_in_snapshot(e.xid, cut_snap);
+    GET DIAGNOSTICS n_events = ROW_COUNT;
+    DELETE FROM pgfeed.ticks t WHERE t.id < cut;
+    GET DIAGNOSTICS n_ticks = ROW_COUNT;
+    UPDATE pgfeed.streams s SET floor_tick = cut WHERE s.floor_tick < cut;
+    RETURN QUERY SELECT cut, n_ticks, n_events, held;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.prune_v2(interval, boolean, boolean) FROM PUBLIC;
+
+-- Readers fetch ticks with their fingerprints (as read_live_v2, plus tick_fp).
+CREATE FUNCTION pgfeed.read_live_v3(known bigint, streams text[], after_ticks bigint[], lim integer)
+RETURNS TABLE (
+    tick_id    bigint,
+    tick_snap  text,
+    metas      text,
+    stream     text,
+    xid        bigint,
+    seq        bigint,
+    created_at timestamptz,
+    key        text,
+    payload    jsonb,
+    floor_tick bigint,
+    seq_lo     bigint,
+    seq_hi     bigint,
+    server_xmax bigint,
+    tick_fp    bigint
+)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    head_id  bigint;
+    b_snap   pg_snapshot;
+    b_hi     bigint;
+    head_lo  bigint;
+    head_fp  bigint;
+    a_snap   pg_snapshot;
+    a_lo     bigint;
+    s        record;
+BEGIN
+    IF cardinality(streams) IS DISTINCT FROM cardinality(after_ticks) THEN
+        RAISE EXCEPTION 'pgfeed: % streams given with % positions', cardinality(streams), cardinality(after_ticks)
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY SELECT t.id, t.snap::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+                        NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint, t.seq_lo, t.seq_hi, NULL::bigint, t.fp
+                   FROM pgfeed.ticks t WHERE t.id >= known ORDER BY t.id LIMIT 1000;
+    SELECT t.id, t.snap, t.seq_lo, t.seq_hi, t.fp INTO head_id, b_snap, head_lo, b_hi, head_fp
+      FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    RETURN QUERY SELECT head_id, b_snap::text,
+        (SELECT coalesce(json_object_agg(st.name, json_build_array(st.id, st.created_tick, st.floor_tick, st.notify_mode)), '{}')
+           FROM pgfeed.streams st WHERE st.name = ANY (streams))::text,
+        NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::bigint,
+        head_lo, b_hi,
+        -- The server's own horizon: behind the newest tick means this is not
+        -- the database that took it (a dump restored into a new cluster).
+        pg_snapshot_xmax(pg_current_snapshot())::text::bigint, head_fp;
+    IF head_id IS NULL OR head_id <> known + 1 THEN
+        RETURN;
+    END IF;
+    FOR s IN
+        SELECT u.name, u.after, st.id AS sid, st.floor_tick AS floor
+          FROM unnest(streams, after_ticks) AS u(name, after)
+          JOIN pgfeed.streams st ON st.name = u.name
+         WHERE u.after = head_id - 1
+    LOOP
+        SELECT tk.snap, tk.seq_lo INTO a_snap, a_lo FROM pgfeed.ticks tk WHERE tk.id = s.after;
+        CONTINUE WHEN a_snap IS NULL;
+        -- A marker row carries the floor even when the interval is empty.
+        RETURN QUERY SELECT head_id, NULL::text, NULL::text, s.name, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::text, NULL::jsonb, s.floor, NULL::bigint, NULL::bigint,
+                            NULL::bigint, NULL::bigint;
+        RETURN QUERY
+            SELECT head_id, NULL::text, NULL::text, s.name, r.xid, r.seq, r.created_at, r.key, r.payload, s.floor,
+                   NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint
+              FROM pgfeed.interval_rows_v2(s.sid, a_snap, a_lo, b_snap, b_hi, 0, lim + 1) r;
+    END LOOP;
+END $$;
+
+REVOKE ALL ON FUNCTION pgfeed.read_live_v3(bigint, text[], bigint[], integer),
+    pgfeed._tick_fp_v3(bigint, pg_snapshot, bigint, bigint, timestamptz, bigint, bigint),
+    pgfeed._system_id_v3() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgfeed._history_break_v3() TO pg_monitor;
+
+-- Roles already granted `reader` read with v3.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT r.rolname FROM pgfeed.role_grants rg JOIN pg_roles r ON r.oid = rg.role_oid
+              WHERE rg.kind = 'reader' LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgfeed.read_live_v3(bigint, text[], bigint[], integer) TO %I',
+                       g.rolname);
+    END LOOP;
+END $$;
