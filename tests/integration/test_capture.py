@@ -2,31 +2,19 @@
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from pgfeed_cli.main import cli
+from helpers import Run, one_line_error
 from psycopg import sql
 
 from pgfeed import admin
 from pgfeed.errors import UsageError
 
-Run = Callable[..., Result]
 Conn = psycopg.Connection[Any]
-
-
-@pytest.fixture
-def pgfeed_cmd(pgfeed_dsn: str) -> Run:
-    """Run the real CLI against the test database."""
-
-    def run(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--dsn", pgfeed_dsn, *args], input=input)
-
-    return run
 
 
 @pytest.fixture
@@ -59,15 +47,6 @@ def capture_triggers(conn: Conn) -> list[tuple[str, str]]:
         " ORDER BY 1, 2"
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("pgfeed: error: ")
-    return lines[0]
 
 
 def test_insert_update_delete(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:

@@ -11,12 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
 from pgfeed import admin
 from pgfeed.errors import FutureToken, TokenError, UnknownStream, UsageError, WaitTimeout
-
-from .conftest import take_tick
 
 WRITE_AND_PRINT_TOKEN = """
 import sys, psycopg, pgfeed

@@ -13,10 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
-
-from .conftest import take_tick
 
 PGFEED = [sys.executable, "-m", "pgfeed_cli"]
 

@@ -7,12 +7,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
 from pgfeed.reader import PRUNED
 from pgfeed.retention import prune
-
-from .conftest import take_tick
 
 
 async def test_rows_of_the_transaction_that_creates_the_stream_are_delivered(

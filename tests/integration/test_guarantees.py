@@ -13,12 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-import pgfeed
-from pgfeed import admin
-from pgfeed.testing import TestServer
-
-from .conftest import (
+from workloads import (
     Workload,
     append_end_marker,
     assert_exactly_once,
@@ -27,6 +22,10 @@ from .conftest import (
     ids_of,
     start_reader_process,
 )
+
+import pgfeed
+from pgfeed import admin
+from pgfeed.testing import TestServer
 
 
 def test_concurrent_writers_two_live_readers_and_a_catch_up_reader_agree(
