@@ -81,7 +81,7 @@ def test_signals_exit_zero_after_flushing(pgfeed_dsn: str, stream: str, sig: sig
         start = str(take_tick(conn))
     proc = tail(pgfeed_dsn, stream, "--from", start)
     try:
-        time.sleep(0.5)
+        # Appended after the start token: delivered whenever tail has subscribed.
         with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
             pgfeed.append(conn, stream, {"id": "x"})
         assert [r["payload"] for r in read_lines(proc, 1)] == [{"id": "x"}]

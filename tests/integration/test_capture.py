@@ -72,6 +72,7 @@ def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn:
     admin.capture(pgfeed_conn, "public", "orders", "loud")
     with psycopg.connect(pgfeed_dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgfeed_v2_wake")
+        listener.execute("LISTEN pgfeed_test_done")  # the end of what to collect, in order after the wake-ups
         with pgfeed_conn.transaction():
             pgfeed_conn.execute("INSERT INTO orders SELECT g, 'bulk' FROM generate_series(1, 100) g")
             pgfeed_conn.execute("UPDATE orders SET note = 'x' WHERE id <= 10")
@@ -84,6 +85,8 @@ def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn:
             if n.channel == "pgfeed_test_done":
                 break
             got.append((n.channel, n.payload))
+        else:
+            raise AssertionError("the end-of-test notification never came")
     assert got == [("pgfeed_v2_wake", "")]  # one wake-up for 110 rows, no row data in it
     rows = event_rows(pgfeed_conn, "loud")
     assert len(rows) == 110
