@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from pgfeed.core.invalidation import CACHES_STREAM
 from pgfeed.errors import ReaderClosed, UsageError
-from pgfeed.writer import CACHES_STREAM
 
 if TYPE_CHECKING:
     from pgfeed.reader import AsyncReader, Token

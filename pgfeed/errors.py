@@ -114,9 +114,24 @@ def translate(exc: psycopg.Error, doing: str) -> PgfeedError:
     return PgfeedError(f"{doing} failed: {detail}")
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name when it has none), for logs and errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ForkedReader(UsageError):
     """This reader was opened in another process before a fork: open a reader in each worker process after the \
 fork (gunicorn: post_fork / post_worker_init, Celery: worker_process_init)."""
+
+
+def forked_error(kind: str, pid: int) -> ForkedReader:
+    """The one-line error for a reader used in a process it was not opened in."""
+    return ForkedReader(
+        f"this {kind} was opened in process {pid} before a fork; open a reader in each worker process after "
+        "the fork (gunicorn: post_fork / post_worker_init, uvicorn: the app's lifespan, Celery: "
+        "worker_process_init)"
+    )
 
 
 class CommitTokenUnavailable(PgfeedError):

@@ -27,11 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import inspect
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +38,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from pgfeed import store
+from pgfeed.aio import call
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.health import make_application_name
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import PgfeedError, UsageError
+from pgfeed.errors import PgfeedError, UsageError, one_line
 from pgfeed.log import get_logger
 from pgfeed.reader import AsyncReader, Batch, Subscription
 
@@ -121,18 +121,9 @@ def load_handler(spec: str) -> Handler:
     return obj  # type: ignore[no-any-return]
 
 
-async def _call(handler: Handler, batch: Batch) -> None:
-    if inspect.iscoroutinefunction(handler):
-        await handler(batch)
-        return
-    result = await asyncio.to_thread(handler, batch)
-    if isinstance(result, Awaitable):
-        await result
-
-
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    """The error's class and the first line of its message."""
+    return f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 async def run_consumer(
@@ -228,7 +219,7 @@ async def _handle(
     while True:
         attempts += 1
         try:
-            await _call(handler, batch)
+            await call(handler, batch)
             return True
         except Exception as exc:
             stats.failures += 1

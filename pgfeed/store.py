@@ -10,7 +10,9 @@ from typing import Any, NamedTuple
 
 import psycopg
 
+from pgfeed.core.cursor import StreamMeta
 from pgfeed.core.positions import Snapshot, Tick
+from pgfeed.core.tickcache import Prefetched
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import FutureToken
 
@@ -23,21 +25,6 @@ class StoredRow(NamedTuple):
     created_at: datetime
     key: str | None
     payload: Any
-
-
-@dataclass(frozen=True)
-class StreamMeta:
-    """The current incarnation of a stream and how much of it is retained."""
-
-    id: int
-    created_tick: int
-    floor_tick: int = 0
-    notify_mode: str = "ticker"
-
-    @property
-    def first_tick(self) -> int:
-        """The oldest position the stream can still be read from."""
-        return max(self.created_tick, self.floor_tick)
 
 
 AConn = psycopg.AsyncConnection[Any]
@@ -62,8 +49,6 @@ def _tick(i: Any, snap: str, lo: Any, hi: Any) -> Tick:
 
 _READ_LIVE = "SELECT * FROM pgfeed.read_live_v2(%s, %s::text[], %s::bigint[], %s::integer)"
 
-#: Rows of the interval ending at the new tick, per stream: (rows, floor tick).
-Prefetched = dict[str, tuple[list[StoredRow], int]]
 
 #: ``known`` for a reader that has no head yet: no tick list, just the head.
 NO_TICKS = 2**62
@@ -76,7 +61,7 @@ class Live:
     ticks: list[Tick]  # from the reader's known head on (inclusive), ascending
     head: Tick | None  # the newest tick (None: no tick yet)
     metas: dict[str, StreamMeta]
-    prefetched: Prefetched
+    prefetched: dict[str, Prefetched[StoredRow]]  # rows of the interval ending at the head, per stream
     server_xmax: int = 0  # the server's current snapshot xmax
 
 
@@ -94,7 +79,7 @@ async def read_live(
     ticks: list[Tick] = []
     head: Tick | None = None
     metas: dict[str, StreamMeta] = {}
-    prefetched: Prefetched = {}
+    prefetched: dict[str, tuple[list[StoredRow], int]] = {}
     server_xmax = 0
     for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon in found:
         if name is not None:
@@ -110,7 +95,8 @@ async def read_live(
             }
         else:
             ticks.append(_tick(tick_id, snap, lo, hi))
-    return Live(ticks, head, metas, prefetched, server_xmax)
+    by_stream = {name: Prefetched(rows, floor) for name, (rows, floor) in prefetched.items()}
+    return Live(ticks, head, metas, by_stream, server_xmax)
 
 
 async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:

@@ -37,9 +37,19 @@ import psycopg
 
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import ForkedReader, HandlerFailed, PgfeedError, ReaderClosed, UsageError, WaitTimeout, translate
+from pgfeed.errors import (
+    ForkedReader,
+    HandlerFailed,
+    PgfeedError,
+    ReaderClosed,
+    UsageError,
+    WaitTimeout,
+    forked_error,
+    one_line,
+    translate,
+)
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
-from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, _one_line, forked_error
+from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token
 
 if TYPE_CHECKING:
     from pgfeed.cache import Cache
@@ -139,7 +149,7 @@ class _LoopThread:
         except psycopg.Error as exc:
             raise translate(exc, what) from None
         except Exception as exc:
-            raise PgfeedError(f"{what} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+            raise PgfeedError(f"{what} failed: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 @dataclass(frozen=True)

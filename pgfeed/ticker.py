@@ -54,7 +54,7 @@ from psycopg import errors as pgerrors
 
 from pgfeed.connect import connect_error, with_keepalives
 from pgfeed.core.backoff import Backoff
-from pgfeed.errors import NotMigrated, PgfeedError, UsageError, translate
+from pgfeed.errors import NotMigrated, PgfeedError, UsageError, one_line, translate
 from pgfeed.log import get_logger
 
 log = get_logger("pgfeed.ticker")
@@ -155,7 +155,7 @@ class Ticker:
                     await self._campaign(self._borrow, backoff)
                 except (psycopg.OperationalError, OSError, TimeoutError) as exc:
                     delay = backoff.next_delay()
-                    log.warning("ticker cannot campaign; retrying", error=_one_line(exc), retry_in=round(delay, 3))
+                    log.warning("ticker cannot campaign; retrying", error=one_line(exc), retry_in=round(delay, 3))
                     await asyncio.sleep(delay)
                 continue
             try:
@@ -174,7 +174,7 @@ class Ticker:
                 # lease-long outage.
                 self.stats.reconnects += 1
                 delay = backoff.next_delay()
-                log.warning("ticker connection lost; reconnecting", error=_one_line(exc), retry_in=round(delay, 3))
+                log.warning("ticker connection lost; reconnecting", error=one_line(exc), retry_in=round(delay, 3))
                 await asyncio.sleep(delay)
             finally:
                 self._conn = None
@@ -192,7 +192,7 @@ class Ticker:
                 await c.execute("SELECT pgfeed.ticker_resign_v2(%s)", (term,))
             log.info("ticker resigned", term=term)
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            log.warning("ticker could not resign; the lease expires on its own", term=term, error=_one_line(exc))
+            log.warning("ticker could not resign; the lease expires on its own", term=term, error=one_line(exc))
 
     @contextlib.asynccontextmanager
     async def _short_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -318,7 +318,7 @@ class Ticker:
             _shutdown(conn)
             raise
         except (pgerrors.InsufficientPrivilege, pgerrors.ReadOnlySqlTransaction) as exc:
-            raise TickerUnavailable(f"this role or server cannot tick: {_one_line(exc)}") from None
+            raise TickerUnavailable(f"this role or server cannot tick: {one_line(exc)}") from None
         except (pgerrors.UndefinedFunction, pgerrors.UndefinedTable):
             raise NotMigrated(
                 "the pgfeed schema predates the ticker (pgfeed.ticker_claim_v2 missing): run `pgfeed migrate`"
@@ -352,10 +352,5 @@ def _shutdown(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 def _primary(exc: psycopg.Error) -> str:
-    diag = exc.diag.message_primary or _one_line(exc)
+    diag = exc.diag.message_primary or one_line(exc)
     return diag.removeprefix("pgfeed: ")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

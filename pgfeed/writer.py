@@ -20,9 +20,6 @@ from pgfeed.core.names import check_stream_name
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import CommitTokenUnavailable, PayloadError, PermissionDenied, PgfeedError, UsageError, translate
 
-#: The built-in stream that :func:`invalidate` appends to.
-CACHES_STREAM = "caches"
-
 _Query = tuple[str, tuple[Any, ...], str]
 
 #: The transaction id of the last pgfeed write on each connection, so that

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from helpers import Run, run_cli
 from psycopg import sql
 
 if TYPE_CHECKING:  # imported by pytest as a plugin below, which must come first to rewrite its asserts
@@ -30,6 +31,47 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(part in SLOW_FOLDERS for part in item.path.parts):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
+    """Stream ``orders``, empty."""
+    from pgfeed import admin
+
+    admin.create_stream(pgfeed_conn, "orders")
+    return "orders"
+
+
+@pytest.fixture
+def pgfeed_cmd(pgfeed_dsn: str) -> Run:
+    """The CLI in this process against the test database: ``pgfeed_cmd("stream", "list")``."""
+
+    def run(*args: str, **kwargs: Any) -> Any:
+        return run_cli(pgfeed_dsn, *args, **kwargs)
+
+    return run
+
+
+@pytest.fixture
+def make_role(pgfeed_server: TestServer, pgfeed_dsn: str) -> Iterator[Callable[[], str]]:
+    """Create LOGIN roles; each is stripped of its privileges and dropped afterwards."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"pgfeed_role_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        created.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
+        existing = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (created,))}
+        for role in existing:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
+        for role in existing:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture

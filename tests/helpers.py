@@ -12,18 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pytest
 from click.testing import CliRunner, Result
 from pgfeed_cli.main import cli
-from psycopg import sql
-
-from pgfeed.testing import TestServer
 
 #: The installed console script, the way users run it (next to this interpreter).
 PGFEED = str(Path(sys.executable).with_name("pgfeed"))
@@ -84,25 +78,3 @@ class JsonLines:
             except queue.Empty:
                 raise AssertionError(f"only {len(got)} of {n} lines arrived: {got[-3:]}") from None
         return got
-
-
-@pytest.fixture
-def make_role(pgfeed_server: TestServer, pgfeed_dsn: str) -> Iterator[Callable[[], str]]:
-    """Create LOGIN roles; each is stripped of its privileges and dropped afterwards."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"pgfeed_role_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-        created.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
-        existing = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (created,))}
-        for role in existing:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        for role in existing:
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
 
+from pgfeed.errors import one_line
+
 #: The stream the demo writes to and reads from.
 STREAM = "demo"
 
@@ -381,7 +383,7 @@ class _Demo:
                     "SELECT holder, kind, term FROM pgfeed.ticker WHERE expires_at > clock_timestamp()"
                 ).fetchone()
         except Exception as exc:  # the demo goes on without this line
-            return f"ticker: unknown ({_one_line(exc)})"
+            return f"ticker: unknown ({one_line(exc)})"
         if row is None:
             return "ticker: none leads yet (readers poll until one does)"
         holder, kind, term = row
@@ -547,7 +549,7 @@ def _writer(conninfo: str, rate: float, emit: _Emitter) -> int:
             except (pgfeed.ConnectError, psycopg.OperationalError) as exc:
                 # The server restarted or the connection dropped: whether row n
                 # committed is unknown (the readers will tell). Reconnect, go on.
-                emit({"type": "notice", "message": f"writer: {_one_line(exc)}; reconnecting"})
+                emit({"type": "notice", "message": f"writer: {one_line(exc)}; reconnecting"})
                 conn.close()
                 while not stop.wait(backoff.next_delay()):
                     try:
@@ -560,18 +562,13 @@ def _writer(conninfo: str, rate: float, emit: _Emitter) -> int:
                 start = time.monotonic() - n / rate  # resume the pace, no burst
                 continue
             except (pgfeed.PgfeedError, psycopg.Error) as exc:
-                emit({"type": "error", "message": _one_line(exc)})
+                emit({"type": "error", "message": one_line(exc)})
                 return 1
             emit({"type": "wrote", "n": n, "seq": seq, "token": str(token)})
     finally:
         conn.close()
     emit({"type": "done", "rows": n, "token": str(token) if token is not None else None})
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _row_message(row: Any) -> Message:

@@ -7,8 +7,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from pgfeed_cli.main import cli
+from click.testing import Result
+from helpers import one_line_error
 from psycopg.rows import dict_row
 
 import pgfeed
@@ -21,16 +21,6 @@ LIMIT = 1048576
 
 #: One of each kind of JSON value: every one is a valid payload.
 JSON_VALUES = ['{"id": 1}', "[1, 2, 3]", '"text"', "42", "3.5", "-0.0", "true", "false", "null", "{}", "[]", '""']
-
-
-@pytest.fixture
-def pgfeed_cmd(pgfeed_dsn: str) -> Run:
-    """Run the real CLI against the test database: ``pgfeed_cmd("append", "orders", "1")``."""
-
-    def run(*args: str, input: str | bytes | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--dsn", pgfeed_dsn, *args], input=input)
-
-    return run
 
 
 @pytest.fixture
@@ -66,15 +56,6 @@ def xid_groups(conn: Conn, stream: str = "orders") -> list[int]:
             last = xid
         sizes[-1] += 1
     return sizes
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("pgfeed: error: ")
-    return lines[0]
 
 
 def padded(conn: Conn, size: int) -> dict[str, str]:

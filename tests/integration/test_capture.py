@@ -2,31 +2,19 @@
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from pgfeed_cli.main import cli
+from helpers import Run, one_line_error
 from psycopg import sql
 
 from pgfeed import admin
 from pgfeed.errors import UsageError
 
-Run = Callable[..., Result]
 Conn = psycopg.Connection[Any]
-
-
-@pytest.fixture
-def pgfeed_cmd(pgfeed_dsn: str) -> Run:
-    """Run the real CLI against the test database."""
-
-    def run(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--dsn", pgfeed_dsn, *args], input=input)
-
-    return run
 
 
 @pytest.fixture
@@ -61,15 +49,6 @@ def capture_triggers(conn: Conn) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("pgfeed: error: ")
-    return lines[0]
-
-
 def test_insert_update_delete(pgfeed_cmd: Run, pgfeed_conn: Conn, changes: int) -> None:
     result = pgfeed_cmd("capture", "public.orders", "--stream", "changes")
     assert result.exit_code == 0, result.output
@@ -93,6 +72,7 @@ def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn:
     admin.capture(pgfeed_conn, "public", "orders", "loud")
     with psycopg.connect(pgfeed_dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgfeed_v2_wake")
+        listener.execute("LISTEN pgfeed_test_done")  # the end of what to collect, in order after the wake-ups
         with pgfeed_conn.transaction():
             pgfeed_conn.execute("INSERT INTO orders SELECT g, 'bulk' FROM generate_series(1, 100) g")
             pgfeed_conn.execute("UPDATE orders SET note = 'x' WHERE id <= 10")
@@ -105,6 +85,8 @@ def test_changes_belong_to_the_writers_transaction(pgfeed_dsn: str, pgfeed_conn:
             if n.channel == "pgfeed_test_done":
                 break
             got.append((n.channel, n.payload))
+        else:
+            raise AssertionError("the end-of-test notification never came")
     assert got == [("pgfeed_v2_wake", "")]  # one wake-up for 110 rows, no row data in it
     rows = event_rows(pgfeed_conn, "loud")
     assert len(rows) == 110

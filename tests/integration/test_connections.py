@@ -26,12 +26,6 @@ from pgfeed.connect import LIBPQ_ENV
 from pgfeed.errors import ForkedReader
 
 
-@pytest.fixture
-def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
-    admin.create_stream(pgfeed_conn, "orders")
-    return "orders"
-
-
 def backends(conn: psycopg.Connection[Any]) -> set[int]:
     rows = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"

@@ -11,14 +11,7 @@ import psycopg
 import pytest
 
 import pgfeed
-from pgfeed import admin
 from pgfeed.errors import HandlerFailed, UsageError
-
-
-@pytest.fixture
-def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
-    admin.create_stream(pgfeed_conn, "orders")
-    return "orders"
 
 
 def append(conn: psycopg.Connection[Any], stream: str, *ids: object) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import PGFEED, make_role
+from helpers import PGFEED
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
@@ -23,8 +23,6 @@ import pgfeed
 from pgfeed import admin
 from pgfeed.errors import HandlerFailed, PgfeedError
 from pgfeed.metrics import ReaderCollector
-
-__all__ = ["make_role"]  # a fixture
 
 Conn = psycopg.Connection[Any]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,28 +31,6 @@ SECRET = "s3cr3t-do-not-broadcast"
 
 def run(dsn: str, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--dsn", dsn, *args])
-
-
-@pytest.fixture
-def make_role(pgfeed_server: TestServer, pgfeed_dsn: str) -> Iterator[Callable[[], str]]:
-    """Create LOGIN roles; each is stripped of its privileges and dropped afterwards."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"pgfeed_role_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-        created.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
-        existing = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (created,))}
-        for role in existing:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-    with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        for role in existing:
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import PGFEED, JsonLines, make_role, one_line_error, run_cli
+from helpers import PGFEED, JsonLines, one_line_error, run_cli
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from ticking import daemon, take_tick
@@ -28,8 +28,6 @@ from pgfeed import admin, migrator, status
 from pgfeed.core.health import Status, Thresholds
 from pgfeed.errors import NotMigrated, PermissionDenied, UnknownStream
 from pgfeed.testing import TestServer
-
-__all__ = ["make_role"]  # a fixture
 
 Conn = psycopg.Connection[Any]
 

@@ -2,31 +2,17 @@
 
 import json
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from pgfeed_cli.main import cli
+from helpers import Run, one_line_error
 from ticking import take_tick
 
 from pgfeed import admin
 from pgfeed.core.names import STREAM_NAME_RULE
 from pgfeed.errors import StreamExists
-
-Run = Callable[..., Result]
-
-
-@pytest.fixture
-def pgfeed_cmd(pgfeed_dsn: str) -> Run:
-    """Run the real CLI against the test database: ``pgfeed_cmd("stream", "list")``."""
-
-    def run(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--dsn", pgfeed_dsn, *args], input=input)
-
-    return run
 
 
 def streams(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, int, str]]:
@@ -47,17 +33,6 @@ def all_relations(conn: psycopg.Connection[Any]) -> set[tuple[str, str]]:
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
     ).fetchall()
     return {(r[0], r[1]) for r in rows}
-
-
-def one_line_error(result: Result) -> str:
-    """The single stderr line of a failed command (asserting there is exactly one, and no traceback)."""
-    assert result.exit_code != 0, result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("pgfeed: error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # -- create / list / drop -------------------------------------------------------

@@ -29,12 +29,6 @@ from pgfeed.testing import TestServer, drop_database
 SLACK = 1.0
 
 
-@pytest.fixture
-def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
-    admin.create_stream(pgfeed_conn, "orders")
-    return "orders"
-
-
 def append(conn: psycopg.Connection[Any], stream: str, *ids: object) -> str:
     """Append one row per id (autocommit: one transaction each); the commit token of the last."""
     for i in ids:

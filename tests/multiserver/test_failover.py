@@ -105,7 +105,9 @@ async def _scenario(bin_dir: Any) -> Outcome:
             out.before = list(writers.committed)
             old_daemon.terminate()
             # The newest tick of the old primary the followers know of (they can learn no other now).
-            out.old_primary_ticks = max(f.reader._head.id for f in (a, out.followers["b"]) if f.reader._head)
+            out.old_primary_ticks = max(
+                f.reader._refresher.head.id for f in (a, out.followers["b"]) if f.reader._refresher.head
+            )
             out.standby_ticks = _head(new)
             assert out.standby_ticks < out.old_primary_ticks, "the standby did not lag"
 
@@ -361,8 +363,8 @@ async def _quiet_scenario(bin_dir: Any) -> QuietOutcome:
             # The idle follower's reader notices too (its head is the new primary's now): does it reset?
             assert idle.reader is not None
             await _until(
-                lambda: idle.reader is not None and idle.reader._head is not None
-                and idle.reader._head.id < out.old_head,
+                lambda: idle.reader is not None and idle.reader._refresher.head is not None
+                and idle.reader._refresher.head.id < out.old_head,
                 "the idle follower's reader reads the new primary's ticks",
                 timeout=15,
             )  # fmt: skip

@@ -34,7 +34,6 @@ from reader.conftest import append_end_marker, assert_exactly_once, assert_posit
 from ticking import leader, wait_for_leader
 
 import pgfeed
-from pgfeed import admin
 from pgfeed.testing import TestServer
 
 HERE = Path(__file__).parent
@@ -371,12 +370,6 @@ def writers() -> Iterator[Callable[..., Writers]]:
     for w in started:
         with contextlib.suppress(BaseException):
             w.stop()
-
-
-@pytest.fixture
-def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
-    admin.create_stream(pgfeed_conn, "orders")
-    return "orders"
 
 
 def lead_as(dsn: str, proc_pid: int, kind: str, above_term: int = 0, timeout: float = 15) -> int:

@@ -38,7 +38,15 @@ def module_level_imports(path: Path) -> set[str]:
 
 
 def test_there_is_a_core_to_check() -> None:
-    assert {p.stem for p in CORE} >= {"positions", "tokens", "backoff", "migrations"}
+    assert {p.stem for p in CORE} >= {
+        "positions",
+        "tokens",
+        "backoff",
+        "migrations",
+        "cursor",
+        "tickcache",
+        "invalidation",
+    }
 
 
 @pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)

@@ -13,10 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
-
-from .conftest import take_tick
 
 PGFEED = [sys.executable, "-m", "pgfeed_cli"]
 
@@ -82,7 +81,7 @@ def test_signals_exit_zero_after_flushing(pgfeed_dsn: str, stream: str, sig: sig
         start = str(take_tick(conn))
     proc = tail(pgfeed_dsn, stream, "--from", start)
     try:
-        time.sleep(0.5)
+        # Appended after the start token: delivered whenever tail has subscribed.
         with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
             pgfeed.append(conn, stream, {"id": "x"})
         assert [r["payload"] for r in read_lines(proc, 1)] == [{"id": "x"}]

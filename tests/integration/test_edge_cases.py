@@ -7,12 +7,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
 from pgfeed.reader import PRUNED
 from pgfeed.retention import prune
-
-from .conftest import take_tick
 
 
 async def test_rows_of_the_transaction_that_creates_the_stream_are_delivered(
@@ -90,7 +89,9 @@ async def test_close_wakes_a_consumer_waiting_for_the_next_batch(pgfeed_dsn: str
             return len([b async for b in sub])
 
         waiting = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        for _ in range(3):  # let it reach the empty queue: no I/O on the way
+            await asyncio.sleep(0)
+        assert not waiting.done()
         await sub.close()
         assert await asyncio.wait_for(waiting, 3) == 0
 

@@ -9,14 +9,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from ticking import take_tick
 
 import pgfeed
 from pgfeed.core.durations import parse_duration
 from pgfeed.errors import UsageError
 from pgfeed.reader import PRUNED
 from pgfeed.retention import prune
-
-from .conftest import take_tick
 
 
 def _age_everything(conn: psycopg.Connection[Any]) -> None:

@@ -1,4 +1,4 @@
-"""Helpers for the reader's adversarial tests: workloads, reader processes, checks."""
+"""Helpers for the reader's adversarial tests: workloads, reader processes (feed_reader.py), checks."""
 
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
-from ticking import take_tick
 
 import pgfeed
-from pgfeed import admin
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def stream(pgfeed_conn: psycopg.Connection[Any]) -> str:
-    admin.create_stream(pgfeed_conn, "orders")
-    return "orders"
 
 
 def committed_order(dsn: str, stream: str) -> list[Any]:
@@ -115,7 +106,7 @@ def append_end_marker(dsn: str, stream: str) -> None:
 
 @dataclass
 class ReaderProcess:
-    """A reader running in another OS process (tests/reader/feed_reader.py)."""
+    """A reader running in another OS process (feed_reader.py beside this file)."""
 
     proc: subprocess.Popen[bytes]
     out: Path
@@ -168,6 +159,3 @@ def assert_positions_increase(rows: list[dict[str, Any]]) -> None:
     positions = [pgfeed.Position.parse(r["position"]) for r in rows]
     assert positions == sorted(positions)
     assert len(set(positions)) == len(positions)
-
-
-__all__ = ["take_tick"]

@@ -13,12 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-import pgfeed
-from pgfeed import admin
-from pgfeed.testing import TestServer
-
-from .conftest import (
+from workloads import (
     Workload,
     append_end_marker,
     assert_exactly_once,
@@ -27,6 +22,10 @@ from .conftest import (
     ids_of,
     start_reader_process,
 )
+
+import pgfeed
+from pgfeed import admin
+from pgfeed.testing import TestServer
 
 
 def test_concurrent_writers_two_live_readers_and_a_catch_up_reader_agree(
@@ -109,9 +108,10 @@ async def test_postgres_restart_mid_stream_recovers_without_loss_or_duplicates(
         work = Workload(pgfeed_dsn, stream, writers=4, transactions=40, long_transactions=0, tolerate_disconnects=True)
         writers = threading.Thread(target=work.run)
         writers.start()
-        await asyncio.sleep(0.5)
+        # Restart mid-stream: once rows flow, and again once more came after the first restart.
+        await rows_delivered(got, 1)
         await asyncio.to_thread(pgfeed_server.restart, "fast")
-        await asyncio.sleep(0.5)
+        await rows_delivered(got, len(got) + 1)
         await asyncio.to_thread(pgfeed_server.restart, "immediate")
         writers.join()
         append_end_marker(pgfeed_dsn, stream)
@@ -162,12 +162,14 @@ async def test_long_transaction_on_the_stream_delays_only_its_own_rows(pgfeed_ds
             sub = await reader.subscribe(stream, "earliest")
             with psycopg.connect(pgfeed_dsn, autocommit=True) as other:
                 pgfeed.append(other, stream, {"id": "after"})
-            batch = await asyncio.wait_for(sub.__anext__(), 5)
-            assert [r.payload["id"] for r in batch.rows] == ["after"]
+            first = await asyncio.wait_for(sub.__anext__(), 5)
+            assert [r.payload["id"] for r in first.rows] == ["after"]
             long_tx.commit()
             batch = await asyncio.wait_for(sub.__anext__(), 5)
             assert [r.payload["id"] for r in batch.rows] == ["long"]
-            assert batch.rows[0].position > reader.position(stream) or batch.rows[0].position.tick > 0
+            # Appended first, committed last: ordered by its commit, after the row it waited behind.
+            assert batch.rows[0].position > first.rows[0].position
+            assert batch.rows[0].position.tick > first.position.tick
     finally:
         long_tx.close()
 
@@ -189,16 +191,16 @@ async def test_half_open_listener_is_detected_and_replaced(pgfeed_dsn: str, stre
     app_dsn = psycopg.conninfo.make_conninfo(pgfeed_dsn, application_name="pgfeed-frozen")
     async with pgfeed.AsyncReader(app_dsn, poll_interval=30, probe_interval=0.3, probe_timeout=0.5) as reader:
         sub = await reader.subscribe(stream, "now")
-        with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
-            listener = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgfeed-frozen'"
-                " AND query ILIKE '%%pg_notify%%' OR (application_name = 'pgfeed-frozen' AND query ILIKE 'LISTEN%%')"
-            ).fetchall()
+        listener = _listener_pids(pgfeed_dsn, "pgfeed-frozen")
         assert listener, "the listener's backend was not found"
-        pid = int(listener[0][0])
+        pid = listener[0]
         os.kill(pid, signal.SIGSTOP)  # the connection stays open but nothing answers: half-open
         try:
-            await asyncio.sleep(1.5)  # probe times out, listener reconnects
+            # The probe times out and the listener reconnects: a new backend LISTENs.
+            deadline = time.monotonic() + 10
+            while not (set(_listener_pids(pgfeed_dsn, "pgfeed-frozen")) - {pid}):
+                assert time.monotonic() < deadline, "the listener was not replaced"
+                await asyncio.sleep(0.05)
             started = time.monotonic()
             with psycopg.connect(pgfeed_dsn, autocommit=True) as conn:
                 pgfeed.append(conn, stream, {"id": "after-freeze"})
@@ -210,3 +212,22 @@ async def test_half_open_listener_is_detected_and_replaced(pgfeed_dsn: str, stre
             os.kill(pid, signal.SIGCONT)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def _listener_pids(dsn: str, application_name: str) -> list[int]:
+    """The backends of a reader's listener (its last statement a LISTEN or a probe)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            " AND (query ILIKE '%%pg_notify%%' OR query ILIKE 'LISTEN%%')",
+            (application_name,),
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+async def rows_delivered(got: list[Any], n: int, timeout: float = 30) -> None:
+    """Wait until ``got`` holds ``n`` rows."""
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"only {len(got)} of {n} rows delivered after {timeout:g}s"
+        await asyncio.sleep(0.05)

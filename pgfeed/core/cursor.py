@@ -1,0 +1,264 @@
+"""Where one subscription stands in its stream: the decisions of a
+subscription without its I/O.
+
+A :class:`Cursor` keeps two positions apart:
+
+* ``fetch``, how far the subscription has *read* (batches may wait on its
+  queue, read ahead of the consumer);
+* ``delivered``, how far the consumer has *taken*: it moves only when the
+  consumer takes the batch after one (or an empty read finds nothing queued),
+  so ``position()`` and ``wait_for`` speak of delivery, never of read-ahead.
+
+It also holds the rules that decide where a subscription starts (``since``,
+``until``), when continuity is lost (the stream was dropped and recreated, or
+pruned past the position, or the database's history changed: a *reset*), and
+where ``until`` cuts a read. Every reset bumps ``epoch``: a batch read before
+it must not be delivered after it.
+
+Pure: :mod:`pgfeed.subscription` does the waiting, reading and queueing and
+asks this module what follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pgfeed.core.positions import Planned, Position, RowLike, Tick, plan_window
+from pgfeed.core.tickcache import Prefetched
+from pgfeed.errors import FutureToken, TokenError
+
+#: The reset reason when a prune removed rows the position still needs.
+PRUNED = "the position is older than what the stream still holds (pruned)"
+#: The reset reason when the starting position predates the stream's incarnation.
+OLDER_INCARNATION = "the starting position is older than this stream's current incarnation"
+#: The reset reason when the stream was dropped and created again.
+RECREATED = "the stream was dropped and recreated"
+
+R = TypeVar("R")
+Row = TypeVar("Row", bound=RowLike)
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    """The current incarnation of a stream and how much of it is retained."""
+
+    id: int
+    created_tick: int
+    floor_tick: int = 0
+    notify_mode: str = "ticker"
+
+    @property
+    def first_tick(self) -> int:
+        """The oldest position the stream can still be read from."""
+        return max(self.created_tick, self.floor_tick)
+
+
+class Interrupted(Exception):
+    """A read that cannot be trusted (pruned or dropped meanwhile); retried after a fresh tick."""
+
+
+def pruned_past(pos: Position, meta: StreamMeta) -> bool:
+    """Whether a prune removed rows that reading on from ``pos`` needs: the
+    intervals up to the floor are gone, so a complete position must be at the
+    floor or later, and a partial one (inside interval n) after it."""
+    return pos.tick < meta.floor_tick or (not pos.complete and pos.tick <= meta.floor_tick)
+
+
+def parse_spec(spec: str | Position, head: int, meta: StreamMeta, what: str) -> Position:
+    """``since``/``until`` as a position: ``"earliest"`` (the oldest position
+    the stream still holds), ``"now"`` (the newest tick ``head``) or a token.
+    :class:`TokenError` for anything else, :class:`FutureToken` beyond ``head``."""
+    if isinstance(spec, Position):
+        pos = spec
+    elif spec == "earliest":
+        return Position(meta.first_tick)
+    elif spec == "now":
+        return Position(head)
+    elif isinstance(spec, str):
+        pos = Position.parse(spec)
+    else:
+        raise TokenError(f"invalid {what} {spec!r}: expected 'earliest', 'now' or a position token")
+    if pos.tick > head:
+        raise FutureToken(f"position {pos} is beyond anything this database has issued (newest tick {head})")
+    return pos
+
+
+def newest_named(*specs: object) -> int | None:
+    """The newest tick named by positions among ``specs`` (None if none is a
+    position): the reader must know a head at least that new to check them."""
+    ticks = [s.tick for s in specs if isinstance(s, Position)]
+    return max(ticks) if ticks else None
+
+
+def plan_prefetched(pos: Position, head: Tick, found: Prefetched[Row] | None, limit: int) -> Planned[Row] | None:
+    """The delivery from rows prefetched with ``head`` (see
+    :meth:`TickCache.prefetched_for`), or None when they do not all fit in one
+    batch (read them the usual way). :class:`Interrupted` when a prune
+    reached ``pos`` before they were read."""
+    if found is None or len(found.rows) > limit:
+        return None
+    if found.floor > pos.tick:
+        raise Interrupted(f"the stream was pruned up to tick {found.floor}")
+    return plan_window([head], found.rows, limit)
+
+
+class Cursor:
+    """The read-ahead and delivered positions of one subscription, and its resets.
+
+    ``on_delivered`` is called whenever ``delivered`` moves forward.
+    """
+
+    def __init__(self, stream: str, on_delivered: Callable[[], None] = lambda: None) -> None:
+        self.stream = stream
+        self._on_delivered = on_delivered
+        self.fetch: Position | None = None  # read ahead up to here
+        self.delivered: Position | None = None  # taken by the consumer up to here
+        self.until: Position | None = None
+        self.meta: StreamMeta | None = None  # None while the stream is missing
+        #: Why continuity was lost, until the batch that says so is queued.
+        self.pending_reset: str | None = None
+        self.epoch = 0  # bumped by every reset: a read begun before it is discarded
+        self._queued: list[Position] = []  # ends of the batches queued, not yet acknowledged
+        self._handed: Position | None = None  # the end of the batch the consumer holds
+        self._idle_target: Position | None = None  # an empty read's end, once the queue is taken
+
+    # -- where it starts -------------------------------------------------
+    def start(self, since: str | Position, until: str | Position | None, head: int, meta: StreamMeta) -> None:
+        """Start at ``since`` (a reset when it predates the stream's
+        incarnation or its retained rows) and stop at ``until``."""
+        self.meta = meta
+        start = parse_spec(since, head, meta, "since")
+        if start.tick < meta.created_tick:
+            self.pending_reset = OLDER_INCARNATION
+            start = Position(meta.first_tick)
+        elif pruned_past(start, meta):
+            self.pending_reset = PRUNED
+            start = Position(meta.first_tick)
+        self.fetch = start
+        self.delivered = start
+        if until is not None:
+            self.until = parse_spec(until, head, meta, "until")
+
+    # -- what the newest tick says -------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """Whether everything up to ``until`` has been read."""
+        return self.until is not None and self.fetch is not None and self.fetch >= self.until
+
+    def has_work(self, head: int) -> bool:
+        """Whether there is something past the read position at tick ``head``,
+        or a reset to deliver."""
+        pos = self.fetch
+        if pos is None:
+            return False
+        return self.pending_reset is not None or not pos.complete or head > pos.tick
+
+    def at_head(self, head: int) -> bool:
+        """Whether everything up to tick ``head`` has been read."""
+        return self.fetch is not None and self.fetch.complete and self.fetch.tick >= head
+
+    def stands_at(self, known: int | None) -> bool:
+        """Whether this cursor read up to exactly the head ``known``: the next
+        read of the newest tick may carry its next interval's rows (prefetch)."""
+        return known is not None and self.fetch == Position(known)
+
+    def lose_stream(self) -> bool:
+        """The stream is missing (dropped); True the first time it is noticed."""
+        was_known, self.meta = self.meta is not None, None
+        return was_known
+
+    def follow(self, meta: StreamMeta) -> str | None:
+        """Follow the stream's current incarnation; the reset reason when it was
+        recreated or pruned past the read position (the cursor is then reset)."""
+        assert self.fetch is not None
+        reason = None
+        if self.meta is None or meta.id != self.meta.id:
+            reason = RECREATED
+        elif pruned_past(self.fetch, meta):
+            reason = PRUNED
+        if reason is not None:
+            self.reset(meta, reason)
+        self.meta = meta
+        return reason
+
+    def history_changed(self, reason: str) -> bool:
+        """The database is not the history that was read: reset (True) unless
+        nothing was read yet, or everything up to ``until`` was (the
+        subscription has ended: nothing would announce the reset, and
+        draining its queue would drop its end)."""
+        if self.meta is None or self.fetch is None or self.finished:
+            return False
+        self.reset(self.meta, reason)
+        return True
+
+    def reset(self, meta: StreamMeta, reason: str) -> None:
+        """Continuity is lost: forget what was read ahead and restart at the
+        stream's first tick. No delivered position until the consumer has
+        taken the reset batch: ``wait_for`` must not return before the
+        consumer knows of the break."""
+        self.epoch += 1
+        self.pending_reset = reason
+        self.fetch = Position(meta.first_tick)
+        self.forget_queued()
+        self.delivered = None
+
+    # -- a read and its batch ----------------------------------------------
+    def cut(self, planned: Planned[R]) -> tuple[list[tuple[Position, R]], Position]:
+        """The rows of ``planned`` up to ``until`` and where reading ends."""
+        end = planned.end
+        assert end is not None
+        if self.until is not None and end > self.until:
+            return [(p, r) for p, r in planned.rows if p <= self.until], self.until
+        return planned.rows, end
+
+    def read(self, end: Position, has_rows: bool) -> bool:
+        """A read reached ``end``: True when it makes a batch to queue (rows,
+        or a reset to announce). An empty read moves ``delivered`` at once,
+        or once the consumer has taken every queued batch."""
+        self.fetch = end
+        if has_rows or self.pending_reset is not None:
+            return True
+        if self._queued or self._handed is not None:
+            self._idle_target = end
+        else:
+            self._advance(end)
+        return False
+
+    def queue(self, end: Position) -> tuple[int, str | None]:
+        """A batch ending at ``end`` is queued: its epoch, and the reset
+        reason it announces (taken: the next batch announces none)."""
+        reason, self.pending_reset = self.pending_reset, None
+        self._queued.append(end)
+        return self.epoch, reason
+
+    def take(self, epoch: int, end: Position) -> bool:
+        """The consumer takes the batch ending at ``end`` read in ``epoch``;
+        False for a batch read before a reset (drop it)."""
+        if epoch != self.epoch:
+            return False
+        self._handed = end
+        return True
+
+    def ack(self) -> None:
+        """The consumer is done with the batch it holds (it asked for the next)."""
+        if self._handed is None:
+            return
+        end, self._handed = self._handed, None
+        self._queued.remove(end)
+        self._advance(end)
+        if not self._queued and self._idle_target is not None:
+            self._advance(self._idle_target)
+            self._idle_target = None
+
+    def forget_queued(self) -> None:
+        """The queue was emptied: no batch is awaiting acknowledgement."""
+        self._queued.clear()
+        self._idle_target = None
+        self._handed = None
+
+    def _advance(self, pos: Position) -> None:
+        if self.delivered is None or pos > self.delivered:
+            self.delivered = pos
+            self._on_delivered()

@@ -1,0 +1,106 @@
+"""What a reader remembers of the ticks it fetched, and of the rows it read
+together with the newest one; shared by every subscription of the reader.
+
+Ticks are immutable, so a cached tick is never stale; the cache only bounds
+memory (:meth:`TickCache.add` evicts the lowest ids) and tells when the
+database is no longer the one the ticks came from (:meth:`TickCache.changed`).
+Pure: the reader fetches, this module remembers and decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from pgfeed.core.positions import Position, Tick
+
+R = TypeVar("R")
+
+#: How many ticks back from the head a commit token is looked up in the cache.
+COVERING_RUN = 256
+
+
+@dataclass(frozen=True)
+class Prefetched(Generic[R]):
+    """The rows of one stream's interval ending at the newest tick, read in the
+    same round trip as that tick, with the stream's floor as of that read."""
+
+    rows: Sequence[R]
+    floor: int
+
+
+@dataclass
+class TickCache(Generic[R]):
+    """Ticks already fetched, by id, and the rows prefetched with the newest one."""
+
+    ticks: dict[int, Tick] = field(default_factory=dict)
+    limit: int = 200_000
+    #: (stream, the tick just before the newest) -> the rows of that one interval.
+    prefetched: dict[tuple[str, int], Prefetched[R]] = field(default_factory=dict)
+
+    def get(self, tick_id: int) -> Tick | None:
+        return self.ticks.get(tick_id)
+
+    def add(self, ticks: Sequence[Tick]) -> None:
+        """Remember ``ticks``; past ``limit``, forget the lowest ids down to half of it."""
+        for t in ticks:
+            self.ticks[t.id] = t
+        if len(self.ticks) > self.limit:
+            for key in sorted(self.ticks)[: len(self.ticks) - self.limit // 2]:
+                del self.ticks[key]
+
+    def clear(self) -> None:
+        """Forget everything (the database's history changed)."""
+        self.ticks.clear()
+        self.prefetched.clear()
+
+    def first_missing(self, first: int, last: int) -> int | None:
+        """The lowest id in ``first..last`` not cached, or None."""
+        return next((i for i in range(first, last + 1) if i not in self.ticks), None)
+
+    def run(self, first: int, last: int) -> list[Tick] | None:
+        """Ticks ``first..last`` if all are cached, else None."""
+        out = [self.ticks.get(i) for i in range(first, last + 1)]
+        return None if any(t is None for t in out) else [t for t in out if t is not None]
+
+    def complete(self, first: int, missing: int, fetched: Sequence[Tick], last: int) -> list[Tick] | None:
+        """Ticks ``first..last``: the cached ``first..missing-1`` then ``fetched``
+        (which must be exactly ``missing..last``, else None: pruned meanwhile).
+        Assembles before caching ``fetched``: adding may evict the lowest ids,
+        which are exactly the ones a catching-up read needs."""
+        if [t.id for t in fetched] != list(range(missing, last + 1)):
+            return None
+        known = [self.ticks[i] for i in range(first, missing)]
+        self.add(fetched)
+        return known + list(fetched)
+
+    def run_to(self, head: Tick) -> list[Tick]:
+        """The cached contiguous run of ticks ending at ``head`` (at most
+        :data:`COVERING_RUN` of them, ``head`` itself whatever the cache holds)."""
+        first = head.id
+        while first - 1 in self.ticks and head.id - first < COVERING_RUN - 1:
+            first -= 1
+        return self.run(first, head.id) or [head]
+
+    def changed(self, ticks: Sequence[Tick]) -> Tick | None:
+        """The first of ``ticks`` cached with another snapshot: ticks are
+        immutable, so the database is not the one they were read from."""
+        for t in ticks:
+            seen = self.ticks.get(t.id)
+            if seen is not None and seen.snapshot != t.snapshot:
+                return t
+        return None
+
+    def remember_prefetched(self, known: int | None, head: int, found: dict[str, Prefetched[R]]) -> None:
+        """Keep the rows read with tick ``head`` when they are one interval
+        past ``known`` (the head the read started from), replacing older ones."""
+        if known is not None and head == known + 1:
+            self.prefetched = {(name, known): rows for name, rows in found.items()}
+
+    def prefetched_for(self, stream: str, pos: Position, head: int) -> Prefetched[R] | None:
+        """The rows prefetched for reading ``stream`` from ``pos`` to ``head``:
+        only from a complete position one tick before the head."""
+        if not pos.complete or head != pos.tick + 1:
+            return None
+        return self.prefetched.get((stream, pos.tick))

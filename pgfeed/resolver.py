@@ -1,0 +1,92 @@
+"""Turning what a caller names into positions: commit tokens (the first tick
+that covers the commit), ``"now"`` (a position covering everything committed
+before the call), and the newest tick id a token is checked against. Rides out
+lost connections (the caller bounds the wait)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+from pgfeed import store
+from pgfeed.core.backoff import Backoff
+from pgfeed.core.cursor import Interrupted
+from pgfeed.core.positions import Position
+from pgfeed.core.tickcache import TickCache
+from pgfeed.core.tokens import CommitToken, first_covering
+from pgfeed.errors import PgfeedError, one_line, translate
+from pgfeed.log import get_logger
+from pgfeed.refresher import Refresher
+from pgfeed.ticker import Borrow
+
+log = get_logger("pgfeed.reader")
+
+Since = str | Position
+T = TypeVar("T")
+
+
+class Resolver:
+    """Resolves commit tokens and ``"now"`` against the reader's ticks."""
+
+    def __init__(self, borrow: Borrow, refresher: Refresher, ticks: TickCache[store.StoredRow]) -> None:
+        self._borrow = borrow
+        self._refresher = refresher
+        self._ticks = ticks
+
+    async def spec(self, spec: Since | CommitToken) -> Since:
+        """``"now"`` and commit tokens as positions; other specs unchanged."""
+        if spec == "now":
+            return await self.now()
+        commit = spec if isinstance(spec, CommitToken) else CommitToken.parse(spec) if isinstance(spec, str) else None
+        if commit is not None:
+            return await self.commit(commit)
+        assert not isinstance(spec, CommitToken)
+        return spec
+
+    async def now(self) -> Position:
+        """A position covering every transaction committed before this call."""
+        token = await self.retrying(store.snapshot_token, "reading the current snapshot")
+        return await self.commit(token)
+
+    async def commit(self, commit: CommitToken) -> Position:
+        """The position of the first tick covering ``commit``: wait (the caller
+        bounds it) until a tick does, refusing a token from the future. No
+        query when the newest tick this reader knows covers it already."""
+        while True:
+            head = self._refresher.head
+            if head is not None and commit.covered_by(head.snapshot):
+                # The first covering tick among those this reader knows (ticks
+                # come in contiguous runs). An older covering tick may exist;
+                # waiting for a later one is stricter, never wrong.
+                found = first_covering(self._ticks.run_to(head), commit)
+                assert found is not None
+                return Position(found.id)
+            tick_id = await self.retrying(lambda conn: store.resolve_token(conn, str(commit)), "resolving a token")
+            if tick_id is not None:
+                return Position(tick_id)
+            # The ticker has yet to take the covering tick; its NOTIFY wakes us.
+            await self._refresher.wait_tick_after(head.id if head is not None else -1)
+
+    async def newest_tick_id(self) -> int:
+        """The newest tick's id, read from the database."""
+        return await self.retrying(store.head_tick_id, "checking a token")
+
+    async def retrying(self, query: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], doing: str) -> T:
+        """Run ``query`` on a pooled connection, retrying with backoff on a lost
+        connection until the caller's timeout; other errors become PgfeedError."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with self._borrow() as conn:
+                    return await query(conn)
+            except (psycopg.OperationalError, OSError) as exc:
+                delay = backoff.next_delay()
+                log.info("query failed; retrying", doing=doing, error=one_line(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            except psycopg.Error as exc:
+                raise translate(exc, doing) from None
+            except Interrupted as exc:
+                raise PgfeedError(f"{doing} failed: {exc}") from None

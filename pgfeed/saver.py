@@ -1,0 +1,76 @@
+"""Named consumers' positions: loaded when a subscription starts, saved in
+``pgfeed.positions`` (per role) every ``save_interval`` and when the reader
+closes. After a crash, up to ``save_interval`` of rows are delivered again
+(at-least-once across restarts)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import psycopg
+
+from pgfeed import store
+from pgfeed.core.positions import Position
+from pgfeed.errors import PgfeedError, translate
+from pgfeed.log import get_logger
+from pgfeed.ticker import Borrow
+
+log = get_logger("pgfeed.reader")
+
+
+class Consumer(Protocol):
+    """What is saved of a subscription: who reads which stream, how far."""
+
+    @property
+    def consumer(self) -> str | None: ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def position(self) -> Position | None: ...
+
+
+class PositionSaver:
+    """Loads and saves the delivered positions of named consumers."""
+
+    def __init__(self, borrow: Borrow, interval: float) -> None:
+        self._borrow = borrow
+        self._interval = interval
+        self._unsaved: set[Consumer] = set()  # consumers whose delivered position is not saved yet
+
+    def moved(self, sub: Consumer) -> None:
+        """``sub``'s delivered position moved: save it with the next batch."""
+        if sub.consumer is not None:
+            self._unsaved.add(sub)
+
+    async def load(self, consumer: str, stream: str) -> str | None:
+        """The token this role saved for ``consumer`` on ``stream``, if any."""
+        try:
+            async with self._borrow() as conn:
+                return await store.load_position(conn, consumer, stream)
+        except psycopg.Error as exc:
+            raise translate(exc, f"loading the saved position of consumer {consumer!r}") from None
+
+    async def save(self) -> None:
+        """Write the delivered position of every consumer that moved."""
+        if not self._unsaved:
+            return
+        batch, self._unsaved = self._unsaved, set()
+        rows = [(s.consumer, s.stream, str(s.position)) for s in batch if s.consumer and s.position is not None]
+        try:
+            async with self._borrow() as conn:
+                await store.save_positions(conn, rows)
+        except psycopg.Error as exc:
+            self._unsaved |= batch  # try again next time
+            raise translate(exc, "saving consumer positions") from None
+
+    async def run(self) -> None:
+        """Save every ``interval`` until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.save()
+            except PgfeedError as exc:
+                log.warning("could not save consumer positions; retrying", error=str(exc))

@@ -1,0 +1,89 @@
+"""The reader's tick cache: bounded, never handing out a run with a hole,
+and telling when the database's history changed."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgfeed.core.positions import Position, Snapshot, Tick
+from pgfeed.core.tickcache import COVERING_RUN, Prefetched, TickCache
+
+
+def tick(i: int, xmax: int | None = None) -> Tick:
+    x = 100 + i if xmax is None else xmax
+    return Tick(i, Snapshot(x, x, frozenset()), i, i)
+
+
+def ticks(first: int, last: int) -> list[Tick]:
+    return [tick(i) for i in range(first, last + 1)]
+
+
+def test_eviction_keeps_the_newest_half_of_the_limit() -> None:
+    cache: TickCache[object] = TickCache(limit=10)
+    cache.add(ticks(1, 10))
+    assert len(cache.ticks) == 10
+    cache.add([tick(11)])
+    assert sorted(cache.ticks) == list(range(7, 12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(2, 12),
+    cached=st.integers(0, 30),
+    first=st.integers(1, 30),
+    length=st.integers(0, 30),
+)
+def test_a_run_is_whole_or_none_and_complete_assembles_before_evicting(
+    limit: int, cached: int, first: int, length: int
+) -> None:
+    cache: TickCache[object] = TickCache(limit=limit)
+    cache.add(ticks(1, cached))
+    last = first + length
+    missing = cache.first_missing(first, last)
+    run = cache.run(first, last)
+    if missing is None:
+        assert run == ticks(first, last)
+        return
+    assert run is None
+    assert missing not in cache.ticks
+    assert all(i in cache.ticks for i in range(first, missing))
+    # What a range read gets back from the server, then caches.
+    assert cache.complete(first, missing, ticks(missing, last), last) == ticks(first, last)
+    assert len(cache.ticks) <= limit
+    assert cache.complete(first, missing, ticks(missing, last - 1), last) is None, "a hole (pruned) is no run"
+
+
+def test_run_to_walks_back_over_the_cached_run_at_most_covering_run_ticks() -> None:
+    cache: TickCache[object] = TickCache()
+    cache.add(ticks(1, 10) + ticks(12, 20))
+    assert cache.run_to(tick(20)) == ticks(12, 20)
+    assert cache.run_to(tick(30)) == [tick(30)], "the head itself, cached or not"
+    cache.add(ticks(1, 1000))
+    assert cache.run_to(tick(1000)) == ticks(1000 - COVERING_RUN + 1, 1000)
+
+
+def test_a_tick_seen_with_another_snapshot_is_a_changed_history() -> None:
+    cache: TickCache[object] = TickCache()
+    cache.add(ticks(1, 5))
+    assert cache.changed(ticks(3, 8)) is None
+    assert cache.changed([tick(4), tick(5, xmax=999)]) == tick(5, xmax=999)
+    cache.remember_prefetched(5, 6, {"s": Prefetched([], 0)})
+    cache.clear()
+    assert not cache.ticks
+    assert not cache.prefetched
+
+
+def test_prefetched_rows_serve_only_a_complete_position_one_tick_before_the_head() -> None:
+    cache: TickCache[str] = TickCache()
+    found = Prefetched(["row"], floor=0)
+    cache.remember_prefetched(known=4, head=6, found={"s": found})
+    assert not cache.prefetched, "not one interval past the head the read started from"
+    cache.remember_prefetched(known=None, head=6, found={"s": found})
+    assert not cache.prefetched
+    cache.remember_prefetched(known=5, head=6, found={"s": found})
+    assert cache.prefetched_for("s", Position(5), 6) is found
+    assert cache.prefetched_for("t", Position(5), 6) is None
+    assert cache.prefetched_for("s", Position(5, 3), 6) is None
+    assert cache.prefetched_for("s", Position(5), 7) is None
+    assert cache.prefetched_for("s", Position(4), 5) is None
