@@ -17,6 +17,8 @@
 --   those rows into the next interval (repair_restamp_v3, after
 --   advance_xids_v3 brought the cluster's transaction ids past the
 --   restored ticks').
+-- * capture_v2 refuses a column renumbered by a logical restore (it bound
+--   columns by number and read other columns silently).
 -- * prune_v2 protects saved positions of the form TICK.SEQ (it recognised
 --   only TICK and the 0.1 form): a consumer at a partial position was
 --   reset instead of kept.
@@ -359,6 +361,136 @@ BEGIN
               FROM pgfeed.interval_rows_v2(s.sid, a_snap, a_lo, b_snap, b_hi, 0, lim + 1) r;
     END LOOP;
 END $$;
+
+-- capture_v2 as in 0005, plus: a column whose captured name now sits at
+-- another attribute number fails the write loudly. Columns are bound by
+-- number so that renames are followed; a logical restore (pg_dump) renumbers
+-- the columns of a table that had dropped ones, and the numbers then named
+-- other columns silently (a wrong key, a spurious key change). Only a column
+-- whose name changed pays the extra catalog lookup.
+CREATE OR REPLACE FUNCTION pgfeed.capture_v2() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stream  text    := TG_ARGV[0];
+    nums    int2[]  := TG_ARGV[1]::int2[];
+    nk      integer := cardinality(nums);
+    opts    text[]  := string_to_array(TG_ARGV[3], ',');
+    rel     oid     := TG_RELID;
+    tbl     text;
+    part    text;
+    names   text[]  := '{}';
+    n       name;
+    lost    text;
+    was     text;
+    moved   int2;
+    rec     jsonb;
+    old_rec jsonb;
+    k       jsonb   := '{}';
+    ok      jsonb   := '{}';
+    cur     jsonb;
+    prev    jsonb;
+    body    jsonb;
+BEGIN
+    IF 'partitioned' = ANY (opts) THEN
+        SELECT a.relid, format('%I.%I', n.nspname, c.relname) INTO rel, tbl
+          FROM pg_partition_ancestors(TG_RELID) WITH ORDINALITY AS a(relid, depth)
+          JOIN pg_trigger t ON t.tgrelid = a.relid AND t.tgname = TG_NAME AND t.tgparentid = 0
+          JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+         ORDER BY a.depth DESC LIMIT 1;
+        IF rel <> TG_RELID THEN
+            part := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+        END IF;
+    ELSE
+        tbl := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    END IF;
+
+    IF TG_LEVEL = 'STATEMENT' THEN
+        IF TG_OP <> 'TRUNCATE' THEN
+            RAISE EXCEPTION 'pgfeed: capture_v2 on % fired for a % statement', tbl, TG_OP
+                USING ERRCODE = '39P01', HINT = 'Install captures with pgfeed capture.';
+        END IF;
+        body := jsonb_build_object('op', 'truncate', 'table', tbl);
+        IF part IS NOT NULL THEN
+            body := body || jsonb_build_object('partition', part);
+        END IF;
+        PERFORM pgfeed.append_v2(stream, body, NULL);
+        RETURN NULL;
+    END IF;
+
+    IF TG_ARGV[2] <> '*' THEN
+        nums := nums || TG_ARGV[2]::int2[];
+    END IF;
+    FOR i IN 1 .. cardinality(nums) LOOP
+        -- One unique index lookup per column.
+        SELECT a.attname INTO n FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum = nums[i] AND NOT a.attisdropped;
+        IF n IS NULL THEN
+            -- Dropped (or, after a logical restore, renumbered away): name the
+            -- column as it was named when captured; never append a null for it.
+            lost := format('%s %s', CASE WHEN i <= nk THEN 'key column' ELSE 'column' END,
+                           quote_ident(coalesce(CASE WHEN i <= nk THEN TG_ARGV[4]::jsonb -> 'key' ->> (i - 1)
+                                                     ELSE TG_ARGV[4]::jsonb -> 'columns' ->> (i - nk - 1) END,
+                                                nums[i]::text)));
+            RAISE EXCEPTION 'pgfeed: capture of % into stream %: its % was dropped from the table; run pgfeed capture again or uncapture',
+                tbl, quote_literal(stream), lost
+                USING ERRCODE = '55000',
+                      HINT = 'Run pgfeed capture for this table and stream again (it resolves the columns anew), or pgfeed uncapture.';
+        END IF;
+        -- Renamed since the capture, or renumbered by a logical restore (pg_dump
+        -- renumbers the columns of a table that had dropped ones, and the
+        -- trigger's numbers then name other columns)? A name captured that
+        -- now sits at another number tells them apart: fail loudly.
+        was := CASE WHEN i <= nk THEN TG_ARGV[4]::jsonb -> 'key' ->> (i - 1)
+                    ELSE TG_ARGV[4]::jsonb -> 'columns' ->> (i - nk - 1) END;
+        IF was IS NOT NULL AND was <> n THEN
+            SELECT a.attnum INTO moved FROM pg_attribute a
+             WHERE a.attrelid = rel AND a.attname = was AND NOT a.attisdropped;
+            IF moved IS NOT NULL THEN
+                RAISE EXCEPTION 'pgfeed: capture of % into stream %: column % is now number % and number % is %: the table was restored or its columns swapped; run pgfeed capture again',
+                    tbl, quote_literal(stream), quote_ident(was), moved, nums[i], quote_ident(n)
+                    USING ERRCODE = '55000',
+                          HINT = 'Run pgfeed capture for this table and stream again (it resolves the columns anew), or pgfeed uncapture.';
+            END IF;
+        END IF;
+        names[i] := n;
+    END LOOP;
+
+    IF TG_OP = 'DELETE' THEN rec := to_jsonb(OLD); ELSE rec := to_jsonb(NEW); END IF;
+    IF TG_OP = 'UPDATE' THEN old_rec := to_jsonb(OLD); END IF;
+    -- The key, and the listed columns, from the new row (the old one for a
+    -- delete) and, for an update, from the old row too. old_rec is NULL for
+    -- an insert or delete, and so are ok and prev then.
+    FOR i IN 1 .. cardinality(names) LOOP
+        IF i <= nk THEN
+            k := k || jsonb_build_object(names[i], rec -> names[i]);
+            ok := ok || jsonb_build_object(names[i], old_rec -> names[i]);
+        ELSE
+            cur := coalesce(cur, '{}') || jsonb_build_object(names[i], rec -> names[i]);
+            prev := coalesce(prev, '{}') || jsonb_build_object(names[i], old_rec -> names[i]);
+        END IF;
+    END LOOP;
+    IF TG_ARGV[2] = '*' THEN
+        cur := rec;
+        prev := old_rec;
+    ELSIF cur IS NULL THEN  -- an empty column list
+        cur := '{}';
+        prev := '{}';
+    END IF;
+    IF TG_OP = 'UPDATE' AND 'skip_unchanged' = ANY (opts) AND ok = k AND prev = cur THEN
+        RETURN NULL;
+    END IF;
+
+    body := jsonb_build_object('op', lower(TG_OP), 'table', tbl, 'key', k, 'row', cur);
+    IF TG_OP = 'UPDATE' AND ok <> k THEN
+        body := body || jsonb_build_object('old_key', ok);
+    END IF;
+    IF part IS NOT NULL THEN
+        body := body || jsonb_build_object('partition', part);
+    END IF;
+    PERFORM pgfeed.append_v2(stream, body, k::text);
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.capture_v2() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION pgfeed.read_live_v3(bigint, text[], bigint[], integer),
     pgfeed._tick_fp_v3(bigint, pg_snapshot, bigint, bigint, timestamptz, bigint, bigint),

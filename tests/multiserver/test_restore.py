@@ -303,6 +303,54 @@ async def test_repair_after_restore_delivers_every_row_appended_before_it_after_
         assert resumed.ids == window, resumed.summary()
 
 
+# -- capture after a logical restore ------------------------------------------
+
+
+def test_a_capture_whose_columns_a_restore_renumbered_fails_loudly(tmp_path: Path) -> None:
+    """pg_dump renumbers the columns of a table that had dropped ones; the
+    capture's attribute numbers then name other columns. The write must fail
+    in one line naming the capture, never append a wrong key."""
+    bin_dir = pg_bin("pg_dump", "pg_restore")
+    with servers() as made:
+        server = Server(bin_dir, "one")
+        made.append(server)
+        server.init()
+        src = server.create_database("shop")
+        with psycopg.connect(src, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (junk int, id int PRIMARY KEY, v text)")
+            conn.execute("ALTER TABLE items DROP COLUMN junk")
+            admin.create_stream(conn, "items")
+            admin.capture(conn, "public", "items", "items")
+            conn.execute("INSERT INTO items VALUES (1, 'a')")
+        dump = tmp_path / "shop.dump"
+        done = tool(bin_dir, "pg_dump", "-Fc", "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres",
+                    "-d", "shop", "-f", str(dump))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        dst = server.create_database("copy", migrated=False)
+        done = tool(bin_dir, "pg_restore", "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres",
+                    "-d", "copy", "--exit-on-error", str(dump))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with psycopg.connect(dst, autocommit=True) as conn:
+            numbers = conn.execute(
+                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = 'items'::regclass AND attnum > 0"
+            ).fetchall()
+            assert dict(numbers) == {"id": 1, "v": 2}, numbers  # renumbered: the capture said id is 2
+            before = conn.execute("SELECT count(*) FROM pgfeed.events").fetchone()
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as caught:
+                conn.execute("INSERT INTO items VALUES (2, 'b')")
+            message = caught.value.diag.message_primary or ""
+            assert message.startswith("pgfeed: capture of public.items into stream 'items': column id is now"), message
+            assert "run pgfeed capture again" in message, message
+            assert conn.execute("SELECT count(*) FROM pgfeed.events").fetchone() == before
+            # Capturing again resolves the columns anew: events are right again.
+            admin.capture(conn, "public", "items", "items")
+            conn.execute("UPDATE items SET v = 'a2' WHERE id = 1")
+            (payload,) = conn.execute("SELECT payload FROM pgfeed.events ORDER BY seq DESC LIMIT 1").fetchone()
+            assert payload["key"] == {"id": 1}, payload
+            assert payload["row"] == {"id": 1, "v": "a2"}, payload
+            assert "old_key" not in payload, payload
+
+
 # -- a physical restore and pg_upgrade keep the transaction ids --------------
 
 
