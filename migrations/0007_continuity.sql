@@ -383,6 +383,7 @@ DECLARE
     lost    text;
     was     text;
     moved   int2;
+    named   jsonb   := TG_ARGV[4]::jsonb;
     rec     jsonb;
     old_rec jsonb;
     k       jsonb   := '{}';
@@ -440,8 +441,7 @@ BEGIN
         -- renumbers the columns of a table that had dropped ones, and the
         -- trigger's numbers then name other columns)? A name captured that
         -- now sits at another number tells them apart: fail loudly.
-        was := CASE WHEN i <= nk THEN TG_ARGV[4]::jsonb -> 'key' ->> (i - 1)
-                    ELSE TG_ARGV[4]::jsonb -> 'columns' ->> (i - nk - 1) END;
+        was := CASE WHEN i <= nk THEN named -> 'key' ->> (i - 1) ELSE named -> 'columns' ->> (i - nk - 1) END;
         IF was IS NOT NULL AND was <> n THEN
             SELECT a.attnum INTO moved FROM pg_attribute a
              WHERE a.attrelid = rel AND a.attname = was AND NOT a.attisdropped;
