@@ -121,6 +121,10 @@ def _error(exc: psycopg.Error, doing: str) -> PgfeedError:
     return err
 
 
+#: The schema version from which the database can say why ticks cannot continue.
+HISTORY_CHECKED = 7
+
+
 def schema_version(conn: Conn) -> int | None:
     """The newest applied migration; None when pgfeed is not installed."""
     row = _q(conn, "SELECT to_regclass('pgfeed.schema_version') IS NOT NULL")
@@ -199,6 +203,7 @@ def _gather(conn: Conn, names: list[str] | None, thresholds: Thresholds, with_se
         head_tick=None if trow[9] is None else int(trow[9]),
         head_taken_at=trow[10],
         ticks_last_minute=int(trow[11]),
+        history_break=_q(conn, "SELECT pgfeed._history_break_v3()")[0][0] if version >= HISTORY_CHECKED else None,
     )
     srows = _q(conn, "SELECT * FROM pgfeed.status_streams_v2(%s::text[], make_interval(secs => %s))", (names, RECENT))
     found = {r[1] for r in srows}

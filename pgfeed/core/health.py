@@ -162,6 +162,9 @@ class TickerStatus:
     head_tick: int | None = None
     head_taken_at: datetime | None = None
     ticks_last_minute: int = 0
+    #: Why no tick can be taken on this database (a restore that needs
+    #: ``pgfeed repair --after-restore``); None when ticks can continue.
+    history_break: str | None = None
 
     @property
     def ticks_per_second(self) -> float:
@@ -355,6 +358,8 @@ def ticker_problem(status: Status, thresholds: Thresholds) -> str | None:
     lease but rows waiting longer than that (stuck). None otherwise: an idle
     database without a ticker is healthy."""
     t = status.ticker
+    if t.history_break is not None:
+        return f"ticker refuses to tick: {t.history_break}"
     pending = status.pending_rows
     if pending == 0:
         return None
@@ -408,7 +413,9 @@ def check_problems(status: Status, thresholds: Thresholds, *, expected_version: 
             f"{expected_version}: run `pgfeed migrate`"
         )
     t = status.ticker
-    if not t.live:
+    if t.history_break is not None:
+        out.append(f"ticker refuses to tick: {t.history_break}")
+    elif not t.live:
         beat = age(status.now, t.heartbeat_at)
         last = f" (last holder {t.holder!r}, heartbeat {fmt_age(beat)} ago)" if t.holder and beat is not None else ""
         out.append(f"no live ticker: nobody holds the ticker lease{last}; start `pgfeed daemon`")
@@ -497,6 +504,8 @@ def format_ticker(status: Status) -> list[str]:
         ]
     else:
         lines = ["ticker: NONE: no ticker has ever held the lease"]
+    if t.history_break is not None:
+        lines.append(f"  REFUSES TO TICK: {t.history_break}")
     if t.head_tick is None:
         lines.append("  no tick yet")
     else:

@@ -202,6 +202,7 @@ def test_wait_for_on_a_restored_database_does_not_return_before_the_row_is_deliv
 class Repaired:
     dry_run: str = ""
     refused_after_xids_passed: str = ""
+    check_before_repair: tuple[int, str] = (0, "")
     repairs: list[str] = field(default_factory=list)
     window: dict[str, list[Id]] = field(default_factory=dict)
     old: list[Id] = field(default_factory=list)
@@ -258,6 +259,8 @@ async def _restore_and_repair(bin_dir: Path, tmp: Path) -> Repaired:
             if name == "two":
                 assert target.xmax() > _newest_tick(dsns["two"])[1], "the first repair did not advance the xids"
                 out.refused_after_xids_passed = _daemon_refusal(dsns["two"])
+                checked = _pgfeed(dsns["two"], "check")
+                out.check_before_repair = (checked.returncode, checked.stdout + checked.stderr)
             done = _pgfeed(dsns[name], "repair", "--after-restore")
             assert done.returncode == 0, done.stderr
             out.repairs.append(done.stdout.strip())
@@ -289,6 +292,9 @@ async def test_repair_after_restore_delivers_every_row_appended_before_it_after_
     assert out.refused_after_xids_passed.startswith("pgfeed: error: "), out.refused_after_xids_passed
     assert "7 rows were appended" in out.refused_after_xids_passed, out.refused_after_xids_passed
     assert "pgfeed repair --after-restore" in out.refused_after_xids_passed
+    code, said = out.check_before_repair
+    assert code == 1, said
+    assert said.startswith("pgfeed: error: unhealthy: ticker refuses to tick: 7 rows were appended"), said
     assert out.repairs[1] == "repaired: moved 7 rows to the next tick", out.repairs
     for name in ("one", "two"):
         window = out.window[name]
