@@ -16,14 +16,28 @@ if TYPE_CHECKING:
 
 def to_json(row: Row) -> dict[str, Any]:
     """``row`` as a JSON object: ``stream``, ``position`` (the token after the
-    row: resume with ``since=`` it), ``created_at`` (ISO 8601), ``key``, ``payload``."""
-    return {
+    row: resume with ``since=`` it), ``created_at`` (ISO 8601), ``key``, ``payload``;
+    and, for a captured TRUNCATE, ``truncate``: the table whose every row is gone
+    (a reset of that one table, for consumers that only look at the top level)."""
+    doc = {
         "stream": row.stream,
         "position": row.token,
         "created_at": row.created_at.isoformat(),
         "key": row.key,
         "payload": row.payload,
     }
+    table = truncated_table(row)
+    if table is not None:
+        doc["truncate"] = table
+    return doc
+
+
+def truncated_table(row: Row) -> str | None:
+    """The table a captured TRUNCATE event (``{"op": "truncate", "table": ...}``) emptied, else None."""
+    p = row.payload
+    if isinstance(p, dict) and p.get("op") == "truncate" and isinstance(p.get("table"), str):
+        return str(p["table"])
+    return None
 
 
 def reset_to_json(stream: str, reason: str | None = None) -> dict[str, Any]:
@@ -45,4 +59,4 @@ def row_to_jsonl(row: Row) -> str:
     return to_jsonl(to_json(row))
 
 
-__all__ = ["reset_to_json", "row_to_jsonl", "to_json", "to_jsonl"]
+__all__ = ["reset_to_json", "row_to_jsonl", "to_json", "to_jsonl", "truncated_table"]

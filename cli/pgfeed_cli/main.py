@@ -734,6 +734,9 @@ def _format_row(row: Row, fmt: str) -> str:
     if fmt == "jsonl":
         return rows.row_to_jsonl(row)
     stamp = row.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    table = rows.truncated_table(row)
+    if table is not None:
+        return f"{stamp}  {row.stream}@{row.token}  -- {table} truncated: every row of it above is gone"
     key = f" [{row.key}]" if row.key is not None else ""
     return f"{stamp}  {row.stream}@{row.token}{key}  {json.dumps(row.payload)}"
 

@@ -3,6 +3,7 @@ and a quiet exit when the reader of its output goes away."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +76,17 @@ def test_a_reset_is_a_marker_line_before_the_rows(pgfeed_dsn: str, stream: str, 
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+def test_a_captured_truncate_is_marked_in_both_formats(pgfeed_dsn: str, stream: str, pgfeed_conn: Conn) -> None:
+    pgfeed_conn.execute('CREATE TABLE "Items" (id int PRIMARY KEY)')
+    admin.capture(pgfeed_conn, "public", "Items", stream)
+    pgfeed_conn.execute('INSERT INTO "Items" VALUES (1)')
+    pgfeed_conn.execute('TRUNCATE "Items"')
+    lines = [json.loads(line) for line in run_cli(pgfeed_dsn, "tail", stream, "--no-follow").stdout.splitlines()]
+    assert ["truncate" in line for line in lines] == [False, True], lines
+    assert lines[1]["truncate"] == 'public."Items"'
+    assert lines[1]["payload"] == {"op": "truncate", "table": 'public."Items"'}
+    text = run_cli(pgfeed_dsn, "tail", stream, "--no-follow", "--format", "pretty").stdout.splitlines()
+    assert len(text) == 2, text
+    assert text[1].endswith(f'@{lines[1]["position"]}  -- public."Items" truncated: every row of it above is gone')
