@@ -9,10 +9,10 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from pgfeed.core.names import check_stream_name, format_qualified_table
 from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
+from pgfeed.execute import tuples
 
 Conn = psycopg.Connection[Any]
 NotifyMode = Literal["ticker", "immediate", "poll"]
@@ -38,11 +38,6 @@ class StreamInfo:
         return asdict(self)
 
 
-def _q(conn: Conn, query: str | sql.Composed, params: tuple[Any, ...] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
-    """Run ``query`` on a tuple-row cursor, whatever the connection's row factory."""
-    return conn.cursor(row_factory=tuple_row).execute(query, params)
-
-
 def _partition(stream_id: int) -> sql.Identifier:
     return sql.Identifier("pgfeed", f"events_{stream_id}")
 
@@ -51,7 +46,7 @@ def stream_id(conn: Conn, name: str) -> int:
     """The id of stream ``name``; :class:`UnknownStream` if there is none."""
     check_stream_name(name)
     try:
-        row = _q(conn, "SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
+        row = tuples(conn, "SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, f"looking up stream {name!r}") from None
     if row is None:
@@ -70,11 +65,15 @@ def create_stream(
         raise UsageError(
             f"invalid max payload {max_payload_bytes!r}: expected a number of bytes from 1 to {MAX_MAX_PAYLOAD}"
         )
+    fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     try:
         with conn.transaction():
-            if _q(conn, "SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
+            if fresh:
+                # create_stream_v2 takes a tick, at READ COMMITTED whatever the session's default.
+                tuples(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            if tuples(conn, "SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
                 raise StreamExists(f"stream {name!r} already exists; nothing changed")
-            row = _q(
+            row = tuples(
                 conn, "SELECT pgfeed.create_stream_v2(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
             ).fetchone()
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
@@ -87,7 +86,7 @@ def create_stream(
 
 def _head(conn: Conn) -> int:
     """The newest tick (read-only: ticks are the ticker's business)."""
-    row = _q(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+    row = tuples(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -97,12 +96,12 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
     position token covering every row committed when the list was taken."""
     try:
         head = str(_head(conn))
-        streams = _q(
+        streams = tuples(
             conn, "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
         ).fetchall()
         result = []
         for sid, name, mode, max_bytes in streams:
-            count, last = _q(
+            count, last = tuples(
                 # Through the parent table: readers may read it, not the partitions.
                 conn,
                 "SELECT count(*), max(created_at)::text FROM pgfeed.events WHERE stream_id = %s",
@@ -120,7 +119,7 @@ def drop_stream(conn: Conn, name: str) -> list[str]:
     check_stream_name(name)
     try:
         with conn.transaction():
-            row = _q(conn, "SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = tuples(conn, "SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise UnknownStream(f"unknown stream {name!r}: nothing dropped")
             sid = int(row[0])
@@ -263,7 +262,7 @@ def _truncate_trigger_name(sid: int) -> str:
 def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
     """(schema, table) of every table captured into stream ``sid``; the clones of
     a partitioned table's triggers on its partitions are not listed."""
-    rows = _q(
+    rows = tuples(
         conn,
         "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -282,7 +281,7 @@ def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
 
 def _tree(conn: Conn, oid: int) -> list[sql.Identifier]:
     """Table ``oid`` and, for a partitioned table, every partition below it."""
-    rows = _q(
+    rows = tuples(
         conn,
         "SELECT n.nspname, c.relname FROM (SELECT %s::oid AS relid, 0 AS level"
         "  UNION SELECT relid, level FROM pg_partition_tree(%s)) t"
@@ -296,7 +295,7 @@ def _drop_capture(conn: Conn, sid: int, oid: int) -> None:
     """Drop the triggers of the capture into stream ``sid`` from table ``oid``
     and from its partitions (TRUNCATE triggers are not cloned: each has its own;
     dropping the row trigger drops its clones)."""
-    rows = _q(
+    rows = tuples(
         conn,
         "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -325,7 +324,7 @@ def _check_ops(ops: list[str] | None) -> list[str]:
 
 def _table_oid(conn: Conn, schema: str, table: str) -> tuple[int, str]:
     """The oid and relkind (``r`` table, ``p`` partitioned) of ``schema.table``."""
-    row = _q(
+    row = tuples(
         conn,
         "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s",
@@ -377,7 +376,7 @@ def capture(
             oid, kind = _table_oid(conn, schema, table)
             attnums = {
                 str(r[0]): int(r[1])
-                for r in _q(
+                for r in tuples(
                     conn,
                     "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
                     (oid,),
@@ -386,7 +385,7 @@ def capture(
             if key is None:
                 key = [
                     str(r[0])
-                    for r in _q(
+                    for r in tuples(
                         conn,
                         "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
                         " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"

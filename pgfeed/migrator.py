@@ -12,6 +12,7 @@ import psycopg
 
 from pgfeed.core.migrations import Migration, check_sequence, parse_file_name, plan
 from pgfeed.errors import MigrationError, PermissionDenied, PgfeedError, translate
+from pgfeed.execute import tuples
 from pgfeed.log import get_logger
 
 log = get_logger("pgfeed.migrate")
@@ -66,24 +67,24 @@ class Status:
 
 def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, tuple[str, str, str]] | None:
     """version -> (name, checksum, applied_at); ``None`` when pgfeed was never installed."""
-    row = conn.execute("SELECT to_regclass('pgfeed.schema_version') IS NOT NULL").fetchone()
+    row = tuples(conn, "SELECT to_regclass('pgfeed.schema_version') IS NOT NULL").fetchone()
     if not row or not row[0]:
         return None
-    rows = conn.execute("SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version").fetchall()
+    rows = tuples(conn, "SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version").fetchall()
     return {int(str(v)): (str(n), str(c), str(a)) for v, n, c, a in rows}
 
 
 @contextmanager
 def _migrate_lock(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,)).fetchone()
+    row = tuples(conn, "SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,)).fetchone()
     if not (row and row[0]):
         log.info("waiting for another pgfeed migrate to finish")
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+        tuples(conn, "SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
     try:
         yield
     finally:
         if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+            tuples(conn, "SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
 
 def _wrap(exc: psycopg.Error, doing: str) -> PgfeedError:

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from pgfeed.errors import UsageError, translate
+from pgfeed.execute import tuples
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ def prune(
         raise UsageError("the retention must not be negative")
     try:
         with conn.transaction():
-            row = conn.execute(
+            row = tuples(
+                conn,
                 "SELECT * FROM pgfeed.prune_v2(%s, %s, %s)",
                 (timedelta(seconds=older_than_seconds), protect_consumers, dry_run),
             ).fetchone()

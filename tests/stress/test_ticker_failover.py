@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 from helpers import PGFEED, one_line_error
-from reader.conftest import append_end_marker, assert_exactly_once, assert_positions_increase, committed_order, ids_of
 from ticking import leader, wait_for_leader
+from workloads import append_end_marker, assert_exactly_once, assert_positions_increase, committed_order, ids_of
 
 import pgfeed
 from pgfeed.testing import TestServer
