@@ -17,6 +17,8 @@
 --   those rows into the next interval (repair_restamp_v3, after
 --   advance_xids_v3 brought the cluster's transaction ids past the
 --   restored ticks').
+-- * The ticker's idle check (tick_v2) probes indexes instead of scanning
+--   every event row (_changed_since_v3).
 -- * append_v2 and append_many_v2 lose their SET search_path clause (a third
 --   of an append's CPU), with every name schema-qualified instead.
 -- * capture_v2 refuses a column renumbered by a logical restore (it bound
@@ -362,6 +364,128 @@ BEGIN
                    NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint
               FROM pgfeed.interval_rows_v2(s.sid, a_snap, a_lo, b_snap, b_hi, 0, lim + 1) r;
     END LOOP;
+END $$;
+
+-- The ticker's "anything new?" check without scanning rows. 0004's
+-- _changed_since_v2 ORed two conditions inside one EXISTS over every events
+-- partition, which the planner answers with a sequential scan: with a few
+-- large transactions (bulk appends, captured bulk updates) an idle check took
+-- 100-200 ms every idle_interval, and past the ticker's statement timeout no
+-- check could finish, so a tick waited for an unrelated append. Here:
+-- * rows of transactions the last tick listed as running: one index probe
+--   per listed xid that has ended since (few: concurrent transactions);
+-- * rows of transactions that got their xid after the last tick's snapshot:
+--   when nothing was appended since (cur_seq = last_hi), their seqs lie in
+--   (last_lo, last_hi] (see _insert_tick_v2), the rows appended while that
+--   tick was taken: an ordered index range, not the table.
+CREATE FUNCTION pgfeed._changed_since_v3(last_snap pg_snapshot, last_lo bigint, last_hi bigint,
+                                         cur pg_snapshot, cur_seq bigint)
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT last_hi IS NULL OR last_lo IS NULL OR cur_seq > last_hi
+        OR EXISTS (SELECT 1 FROM pg_snapshot_xip(last_snap) x
+                    WHERE pg_visible_in_snapshot(x, cur)
+                      AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = x))
+        OR EXISTS (SELECT 1 FROM pgfeed.events e
+                    WHERE e.seq > last_lo AND e.seq <= last_hi
+                      AND e.xid >= pg_snapshot_xmax(last_snap) AND pg_visible_in_snapshot(e.xid, cur))
+$$;
+REVOKE ALL ON FUNCTION pgfeed._changed_since_v3(pg_snapshot, bigint, bigint, pg_snapshot, bigint) FROM PUBLIC;
+
+-- tick_v2 as in 0004, deciding with _changed_since_v3.
+CREATE OR REPLACE FUNCTION pgfeed.tick_v2(tick_term bigint, force boolean DEFAULT false) RETURNS TABLE (id bigint, snap text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_snap pg_snapshot;
+    last_lo   bigint;
+    last_seq  bigint;
+    found_it  boolean;
+    seq_lo    bigint;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed.tick_v2() must run in a transaction of its own'
+            USING ERRCODE = '25001', HINT = 'Call it in autocommit mode.';
+    END IF;
+    IF NOT force THEN
+        SELECT t.snap, t.seq_lo, t.seq_hi INTO last_snap, last_lo, last_seq FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+        IF last_snap IS NOT NULL
+           AND NOT pgfeed._changed_since_v3(last_snap, last_lo, last_seq, pg_current_snapshot(), pgfeed._seq_now_v2()) THEN
+            RETURN;
+        END IF;
+    END IF;
+    -- Before the row lock below gives this transaction an xid.
+    seq_lo := pgfeed._seq_now_v2();
+    SELECT true INTO found_it FROM pgfeed.ticker l WHERE l.term = tick_term FOR SHARE;
+    IF found_it IS NULL THEN
+        RAISE EXCEPTION 'pgfeed: ticker term % was superseded', tick_term
+            USING ERRCODE = 'PF001', HINT = 'Another ticker holds the lease now.';
+    END IF;
+    RETURN QUERY SELECT * FROM pgfeed._insert_tick_v2(tick_term, seq_lo);
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.tick_v2(bigint, boolean) FROM PUBLIC;
+
+-- resolve_token_v2 as in 0004, its snapshot-token check by index probes
+-- instead of one EXISTS over every event row (the same scan as the ticker's
+-- old check: wait_for resolves a commit token with it).
+CREATE OR REPLACE FUNCTION pgfeed.resolve_token_v2(token text) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    head_id   bigint;
+    head_snap pg_snapshot;
+    head_lo   bigint;
+    x         xid8;
+    snap      pg_snapshot;
+BEGIN
+    SELECT t.id, t.snap, t.seq_lo INTO head_id, head_snap, head_lo FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    IF token ~ '^x[0-9]{1,19}$' THEN
+        x := substr(token, 2)::xid8;
+        -- A hot standby may not have replayed it yet: wait, do not refuse.
+        IF x >= pg_snapshot_xmax(pg_current_snapshot()) AND pg_is_in_recovery() THEN
+            RETURN NULL;
+        END IF;
+        IF pg_xact_status(x) IS NOT DISTINCT FROM 'in progress' THEN
+            RETURN NULL;
+        END IF;
+        IF pg_visible_in_snapshot(x, head_snap)
+           OR NOT EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = x) THEN
+            RETURN head_id;
+        END IF;
+        RETURN NULL;
+    ELSIF token ~ '^s[0-9]+:[0-9]+:[0-9,]*$' THEN
+        snap := substr(token, 2)::pg_snapshot;
+        IF pg_snapshot_xmax(snap) > pg_snapshot_xmax(pg_current_snapshot()) THEN
+            IF pg_is_in_recovery() THEN
+                RETURN NULL;
+            END IF;
+            RAISE EXCEPTION 'pgfeed: commit token % is beyond anything this database has issued', token
+                USING ERRCODE = 'PF003';
+        END IF;
+        -- Not covered while a transaction the token counts as ended, and the
+        -- newest tick does not, wrote a row: one the tick listed as running
+        -- (an index probe each), or one whose xid the tick had not reached
+        -- (an index probe per such xid; by seq when there are many of them:
+        -- such rows were appended after the tick's seq_lo).
+        IF EXISTS (SELECT 1 FROM pg_snapshot_xip(head_snap) running(x_id)
+                    WHERE pg_visible_in_snapshot(running.x_id, snap)
+                      AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = running.x_id)) THEN
+            RETURN NULL;
+        END IF;
+        IF pg_snapshot_xmax(snap)::text::bigint - pg_snapshot_xmax(head_snap)::text::bigint <= 10000 OR head_lo IS NULL THEN
+            IF EXISTS (SELECT 1 FROM generate_series(pg_snapshot_xmax(head_snap)::text::bigint,
+                                                     pg_snapshot_xmax(snap)::text::bigint - 1) g(i)
+                        WHERE pg_visible_in_snapshot(i::text::xid8, snap)
+                          AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = i::text::xid8)) THEN
+                RETURN NULL;
+            END IF;
+        ELSIF EXISTS (SELECT 1 FROM pgfeed.events e
+                       WHERE e.seq > head_lo AND e.xid >= pg_snapshot_xmax(head_snap)
+                         AND e.xid < pg_snapshot_xmax(snap) AND pg_visible_in_snapshot(e.xid, snap)) THEN
+            RETURN NULL;
+        END IF;
+        RETURN head_id;
+    END IF;
+    RAISE EXCEPTION 'pgfeed: malformed commit token %', quote_literal(token)
+        USING ERRCODE = '22023', HINT = 'Expected x<xid> or s<snapshot>, as returned by pgfeed.commit_token().';
 END $$;
 
 -- append_v2 and append_many_v2 as in 0004, without the SET search_path

@@ -1,0 +1,60 @@
+"""What the ticker's idle check and a commit token's resolution cost the
+server: index probes, never a scan of the events (which made an idle check
+take 100-200 ms once a few transactions had appended many rows each, and
+could outlast the ticker's statement timeout). Counted with PostgreSQL's
+own per-transaction statistics, not timed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from ticking import take_tick
+
+import pgfeed
+from pgfeed import admin
+
+Conn = psycopg.Connection[Any]
+
+
+def _rows_read(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> tuple[int, list[tuple[Any, ...]]]:
+    """Run ``query`` in a read-only transaction; how many event rows it read
+    (by sequential scans and index fetches, in every partition)."""
+    with conn.transaction():
+        found = conn.execute(query, params).fetchall()
+        (read,) = conn.execute(
+            "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'pgfeed' AND relname LIKE 'events%'"
+        ).fetchone()  # type: ignore[misc]
+    return int(read), found
+
+
+def test_idle_check_and_token_resolution_probe_indexes_after_bulk_appends(pgfeed_conn: Conn) -> None:
+    for name in ("bulk", "other"):
+        admin.create_stream(pgfeed_conn, name)
+    for _ in range(3):  # a few transactions of many rows each
+        with pgfeed_conn.transaction():
+            pgfeed.append_many(pgfeed_conn, "bulk", [{"i": i} for i in range(20_000)])
+    pgfeed_conn.execute("ANALYZE pgfeed.events")
+    take_tick(pgfeed_conn)
+    with psycopg.connect(pgfeed_conn.info.dsn) as open_writer:  # running at the next tick: listed in its xip
+        pgfeed.append(open_writer, "other", {"late": True})
+        take_tick(pgfeed_conn)
+        open_writer.commit()
+    take_tick(pgfeed_conn)
+
+    read, ticked = _rows_read(pgfeed_conn, "SELECT * FROM pgfeed.tick_v2(0)")
+    assert ticked == []  # nothing new: no tick, no term needed
+    assert read < 10  # of 60,000
+
+    with psycopg.connect(pgfeed_conn.info.dsn, autocommit=True) as writer:
+        with writer.transaction():
+            pgfeed.append(writer, "other", {"n": 1})
+        token = str(pgfeed.commit_token(writer))
+    read, resolved = _rows_read(pgfeed_conn, "SELECT pgfeed.resolve_token_v2(%s)", (token,))
+    assert resolved == [(None,)]  # its row waits for the next tick
+    assert read < 10  # of 60,000
+    take_tick(pgfeed_conn)
+    read, resolved = _rows_read(pgfeed_conn, "SELECT pgfeed.resolve_token_v2(%s)", (token,))
+    assert resolved[0][0] is not None
+    assert read < 10  # of 60,000
