@@ -23,6 +23,11 @@
 --   of an append's CPU), with every name schema-qualified instead.
 -- * capture_v2 refuses a column renumbered by a logical restore (it bound
 --   columns by number and read other columns silently).
+-- * A lease whose heartbeat lies in the server's future (its clock went
+--   back) can be claimed.
+-- * prune_v2 runs as the owner (SECURITY DEFINER), so that the daemon under
+--   `pgfeed grant ticker` keeps retention on and sees every consumer's saved
+--   position; `grant ticker` grants it.
 -- * prune_v2 protects saved positions of the form TICK.SEQ (it recognised
 --   only TICK and the 0.1 form): a consumer at a partial position was
 --   reset instead of kept.
@@ -247,10 +252,13 @@ END $$;
 REVOKE ALL ON FUNCTION pgfeed.repair_restamp_v3(boolean) FROM PUBLIC;
 
 -- Retention as in 0004, protecting saved positions TICK.SEQ too (they need
--- tick TICK - 1, like the 0.1 form TICK.XID.SEQ).
+-- tick TICK - 1, like the 0.1 form TICK.XID.SEQ). SECURITY DEFINER: run by
+-- a role other than the owner (the daemon under `pgfeed grant ticker`), it
+-- saw only that role's saved positions (row-level security) and so
+-- protected no other consumer; EXECUTE goes to ticker roles only.
 CREATE OR REPLACE FUNCTION pgfeed.prune_v2(older_than interval, protect_consumers boolean DEFAULT true, dry_run boolean DEFAULT false)
 RETURNS TABLE (floor_tick bigint, ticks_deleted bigint, events_deleted bigint, held_by_consumers boolean)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     cut      bigint;
     keep     bigint;
@@ -488,6 +496,35 @@ BEGIN
         USING ERRCODE = '22023', HINT = 'Expected x<xid> or s<snapshot>, as returned by pgfeed.commit_token().';
 END $$;
 
+-- ticker_claim_v2 as in 0004, plus: a lease whose heartbeat lies in the
+-- server's future is expired. After the server's clock went back by J, the
+-- live leader's expires_at would otherwise hold off every candidate for J
+-- more seconds when that leader dies; a claim now just moves to a new term
+-- (fenced: the old leader's next renewal or tick is refused).
+CREATE OR REPLACE FUNCTION pgfeed.ticker_claim_v2(claimant text, claimant_kind text, ttl_ms integer)
+RETURNS TABLE (term bigint, expires_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF claimant_kind IS NULL OR claimant_kind NOT IN ('daemon', 'reader') THEN
+        RAISE EXCEPTION 'pgfeed: invalid ticker kind %', coalesce(quote_literal(claimant_kind), 'NULL')
+            USING ERRCODE = '22023', HINT = 'Give ''daemon'' or ''reader''.';
+    END IF;
+    IF ttl_ms IS NULL OR ttl_ms <= 0 THEN
+        RAISE EXCEPTION 'pgfeed: invalid ticker lease % ms', coalesce(ttl_ms::text, 'NULL')
+            USING ERRCODE = '22023', HINT = 'Give a positive number of milliseconds.';
+    END IF;
+    RETURN QUERY
+        UPDATE pgfeed.ticker l
+           SET term = l.term + 1, holder = claimant, kind = claimant_kind, backend_pid = pg_backend_pid(),
+               started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
+               expires_at = clock_timestamp() + make_interval(secs => ttl_ms / 1000.0)
+         WHERE l.expires_at < clock_timestamp()
+            OR l.heartbeat_at > clock_timestamp() + interval '1 second'
+            OR (claimant_kind = 'daemon' AND l.kind = 'reader')
+        RETURNING l.term, l.expires_at;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed.ticker_claim_v2(text, text, integer) FROM PUBLIC;
+
 -- append_v2 and append_many_v2 as in 0004, without the SET search_path
 -- clause: PostgreSQL saves and restores the setting around every call, which
 -- cost about a third of an append's CPU (11 of 35 us a row, measured in one
@@ -716,6 +753,17 @@ REVOKE ALL ON FUNCTION pgfeed.read_live_v3(bigint, text[], bigint[], integer),
     pgfeed._tick_fp_v3(bigint, pg_snapshot, bigint, bigint, timestamptz, bigint, bigint),
     pgfeed._system_id_v3() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgfeed._history_break_v3() TO pg_monitor;
+
+-- Roles already granted `ticker` may prune (the daemon's retention).
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT r.rolname FROM pgfeed.role_grants rg JOIN pg_roles r ON r.oid = rg.role_oid
+              WHERE rg.kind = 'ticker' LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgfeed.prune_v2(interval, boolean, boolean) TO %I', g.rolname);
+    END LOOP;
+END $$;
 
 -- Roles already granted `reader` read with v3.
 DO $$

@@ -226,8 +226,11 @@ def grant_reader(conn: Conn, role: str) -> None:
 
 def grant_ticker(conn: Conn, role: str) -> None:
     """Let ``role`` run the ticker (``pgfeed daemon``, or a reader's embedded
-    ticker): campaign for the lease and take ticks. Ticks only record
-    snapshots; the role gains no access to any stream's rows."""
+    ticker): campaign for the lease, take ticks, and prune (the daemon's
+    ``--retention``: ``pgfeed.prune_v2`` runs as the schema owner, so it sees
+    and protects every role's saved positions). Ticks only record snapshots;
+    the role gains no access to any stream's rows, but pruning deletes old
+    ones: grant it to the roles your daemons run as."""
     r = sql.Identifier(role)
     try:
         with conn.transaction():
@@ -238,7 +241,7 @@ def grant_ticker(conn: Conn, role: str) -> None:
                 sql.SQL(
                     "GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean),"
                     " pgfeed.ticker_claim_v2(text, text, integer), pgfeed.ticker_renew_v2(bigint, integer),"
-                    " pgfeed.ticker_resign_v2(bigint) TO {}"
+                    " pgfeed.ticker_resign_v2(bigint), pgfeed.prune_v2(interval, boolean, boolean) TO {}"
                 ).format(r)
             )
             _record_grant(conn, role, "ticker", None)

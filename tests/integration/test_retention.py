@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from ticking import take_tick
 
 import pgfeed
@@ -121,3 +123,35 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(UsageError, match="invalid duration"):
         parse_duration(text)
+
+
+def test_a_ticker_role_prunes_and_protects_every_role_s_consumers(
+    stream: str, pgfeed_conn: psycopg.Connection[Any], pgfeed_dsn: str, make_role: Callable[[], str]
+) -> None:
+    """The daemon under `pgfeed grant ticker` keeps retention on, and its
+    prune sees (and protects) saved positions of other roles, which the
+    ticker role itself may not read (row-level security would hide them)."""
+    from pgfeed import admin
+
+    ticker, reader = make_role(), make_role()
+    admin.grant_ticker(pgfeed_conn, ticker)
+    admin.grant_reader(pgfeed_conn, reader)
+    pgfeed.append(pgfeed_conn, stream, {"id": 0})
+    first = take_tick(pgfeed_conn)
+    with psycopg.connect(make_conninfo(pgfeed_dsn, user=reader), autocommit=True) as conn:  # a consumer of another role
+        conn.execute(
+            "INSERT INTO pgfeed.positions (consumer, stream, token) VALUES ('billing', %s, %s)",
+            (stream, str(first.tick)),
+        )
+    for i in range(1, 4):
+        pgfeed.append(pgfeed_conn, stream, {"id": i})
+        take_tick(pgfeed_conn)
+    _age_everything(pgfeed_conn)
+    take_tick(pgfeed_conn)
+    with psycopg.connect(make_conninfo(pgfeed_dsn, user=ticker), autocommit=True) as conn:
+        held = prune(conn, 86400)
+    assert held.held_by_consumers
+    assert held.floor_tick == first.tick
+    assert held.events_deleted == 1  # what billing delivered; the 3 rows after its position stay
+    left = pgfeed_conn.execute("SELECT payload ->> 'id' FROM pgfeed.events ORDER BY seq").fetchall()
+    assert left == [("1",), ("2",), ("3",)]
