@@ -12,6 +12,7 @@ no 5xx, no stale read, every write applied once, every worker serves.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -254,5 +255,67 @@ def test_uvicorn_workers_with_a_starlette_lifespan(run_server: Any, pgfeed_dsn: 
     assert not [line for line in lines.so_far() if "Traceback" in line]
 
 
+#: Celery's prefork pool, without a broker: the main process imports the app
+#: (its Reader unopened) and forks a child, which gets Celery's real
+#: worker_process_init signal and runs the task locally, as a pool process
+#: would; a write commits between two runs of the task.
+CELERY_POOL_PROCESS = """
+import json
+import os
+
+import psycopg
+from celery.signals import worker_process_init, worker_process_shutdown
+
+import celery_app
+import pgfeed
+
+
+def write(conn):
+    with conn.transaction():
+        version = conn.execute("UPDATE items SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()[0]
+        pgfeed.invalidate(conn, "items", ["1"])
+    return version, str(pgfeed.commit_token(conn))
+
+
+read_fd, write_fd = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        worker_process_init.send(sender=None)
+        with psycopg.connect(os.environ["APP_DSN"], autocommit=True) as conn:
+            seen = []
+            for _ in range(2):  # the second run's cached value must be dropped by the second write
+                version, token = write(conn)
+                seen.append((version, celery_app.report.apply(args=(1, token)).get(timeout=30)))
+        worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+        os.write(write_fd, json.dumps({"seen": seen, "closed": celery_app.reader.position("caches") is None}).encode())
+    finally:
+        os._exit(0)
+os.close(write_fd)
+report = os.read(read_fd, 65536).decode()
+os.waitpid(pid, 0)
+print(json.dumps({"child": json.loads(report), "parent_opened": celery_app.items is not None}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("celery") is None, reason="no celery")
+def test_celery_worker_process_init_opens_the_reader_in_the_forked_child(app_dir: Path, pgfeed_dsn: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CELERY_POOL_PROCESS],
+        cwd=app_dir,
+        env={**os.environ, "APP_DSN": pgfeed_dsn, "PYTHONPATH": str(app_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["child"]["seen"] == [[1, 1], [2, 2]], result  # each run saw its write, the cache invalidated
+    assert result["child"]["closed"] is True  # by worker_process_shutdown
+    assert result["parent_opened"] is False  # the main process never opened a reader
+    assert "Traceback" not in done.stderr
+
+
 def test_the_recipes_page_has_the_files_the_tests_run() -> None:
-    assert set(recipe_files()) == {"wsgi_app.py", "gunicorn.conf.py", "asgi_app.py"}
+    assert set(recipe_files()) == {"wsgi_app.py", "gunicorn.conf.py", "asgi_app.py", "celery_app.py"}
