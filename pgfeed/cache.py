@@ -24,6 +24,10 @@ the writing transaction), so what it returns is at least as new as that write.
 entries are guarded by a lock. Keys are strings, as :func:`pgfeed.invalidate`
 sends them (other keys are matched by ``str(key)``). Values enter only through
 a loader, never by assignment, so that every stored value has a stamp.
+
+A cache belongs to its reader's process: in a child forked after the reader
+opened, where no invalidation would ever reach the inherited entries, reading
+it raises :class:`~pgfeed.errors.ForkedReader` at once, like the reader.
 """
 
 from __future__ import annotations
@@ -119,20 +123,25 @@ class _Entries(Generic[V]):
 
 
 class _Base(Generic[V]):
-    def __init__(self, cache_name: str) -> None:
+    def __init__(self, cache_name: str, check_process: Callable[[], object]) -> None:
         if not isinstance(cache_name, str) or not cache_name:
             raise UsageError(f"invalid cache name {cache_name!r}: expected a non-empty string")
         self.cache_name = cache_name
         self._entries: _Entries[V] = _Entries()
+        #: The reader's: ForkedReader in a process forked after it opened,
+        #: where no invalidation ever reaches this copy of the entries.
+        self._check_process = check_process
 
     async def _invalidated(self, keys: list[str] | None) -> None:
         # Async: runs on the reader's loop at once, with no hop to a worker thread.
         self._entries.invalidate(None if keys is None else [str(k) for k in keys])
 
     def __contains__(self, key: object) -> bool:
+        self._check_process()
         return self._entries.lookup(str(key))[0]
 
     def __getitem__(self, key: object) -> V:
+        self._check_process()
         found, value = self._entries.lookup(str(key))
         if not found:
             raise KeyError(key)
@@ -162,7 +171,7 @@ class AsyncCache(_Base[V]):
     reader stays open."""
 
     def __init__(self, reader: AsyncReader, cache_name: str) -> None:
-        super().__init__(cache_name)
+        super().__init__(cache_name, reader._check_process)
         self._reader = reader
         self._started = False
 
@@ -185,7 +194,10 @@ class AsyncCache(_Base[V]):
         stored unless ``key`` was invalidated while it loaded; None on a miss
         without a loader. With ``after`` (a commit token), first waits up to
         ``timeout`` seconds until every invalidation up to it is applied here
-        (read-your-writes); raises what :meth:`AsyncReader.wait_for` raises."""
+        (read-your-writes); raises what :meth:`AsyncReader.wait_for` raises,
+        and :class:`~pgfeed.errors.ForkedReader` at once in a process forked
+        after the reader opened (its entries there are never invalidated)."""
+        self._check_process()
         if not self._started or not self._reader._open:
             raise ReaderClosed("this cache's reader is not open (or the cache was not started): make a new cache")
         if after is not None:
@@ -206,7 +218,7 @@ class Cache(_Base[V]):
     name)``. Registers at once; lives until the reader is closed."""
 
     def __init__(self, reader: Reader, cache_name: str) -> None:
-        super().__init__(cache_name)
+        super().__init__(cache_name, reader._check_process)
         self._reader = reader
         reader.on_invalidate(cache_name, self._invalidated)
         self._opened = reader._opened
@@ -220,6 +232,7 @@ class Cache(_Base[V]):
         timeout: float = 10.0,
     ) -> V | None:
         """See :meth:`AsyncCache.get`; ``loader`` runs in the calling thread."""
+        self._check_process()
         if self._reader._opened is not self._opened:
             raise ReaderClosed("this cache's reader was closed after the cache was made: make a new cache")
         if after is not None:

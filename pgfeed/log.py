@@ -7,6 +7,14 @@ wherever the application's logging sends them (gunicorn, ``basicConfig``,
 has a :class:`logging.NullHandler`, which also keeps Python's last-resort
 handler from printing warnings to stderr.
 
+The connection pools pgfeed opens (named ``pgfeed-...``) log through
+psycopg_pool's module loggers (``psycopg.pool``), which the application's own
+pools share. A filter there moves the records about pgfeed's pools to the
+``pgfeed.pool`` logger, under the same ``NullHandler``, leaving the
+application's own pool records where they were: a killed backend ("discarding
+closed connection") is then pgfeed's to report, in its own words, not a line
+on the host's stderr.
+
 Each record's message is the event followed by its key/values
 (``listener lost; reconnecting error="..." retry_in=0.5``); the same event as
 a dict is the record attribute :data:`EVENT_ATTR`, for structured handlers.
@@ -18,6 +26,7 @@ fields again. In tests, pytest's ``caplog`` sees the records and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,6 +43,13 @@ from structlog.typing import EventDict, WrappedLogger
 #: The attribute of pgfeed's log records holding the event as a dict:
 #: ``{"event": "reader opened", ...key/values}``.
 EVENT_ATTR = "pgfeed_event"
+
+#: Where the records of pgfeed's own connection pools go (see :class:`_PgfeedPools`).
+POOL_LOGGER = "pgfeed.pool"
+#: The prefix of the names of pgfeed's pools, and so of their tasks ("pgfeed-reader-worker-0").
+POOL_PREFIX = "pgfeed-"
+#: psycopg_pool's loggers: the pools' own, and their schedulers'.
+_PSYCOPG_POOL_LOGGERS = ("psycopg.pool", "psycopg_pool.sched_async", "psycopg_pool.sched")
 
 logging.getLogger("pgfeed").addHandler(logging.NullHandler())
 
@@ -114,3 +130,50 @@ def from_record(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     if isinstance(event, dict):
         event_dict.update(event)
     return event_dict
+
+
+class _PgfeedPools(logging.Filter):
+    """On psycopg_pool's loggers: a record about one of pgfeed's pools goes to
+    :data:`POOL_LOGGER` instead (other records pass unchanged).
+
+    psycopg_pool has one logger for every pool, so a record is pgfeed's when
+    it was logged by one of pgfeed's tasks (the pool's own workers are named
+    after it) or on the sync reader's loop thread, or when an argument names a
+    pgfeed pool: its name, the pool, or a connection lent by it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _about_pgfeed_pool(record):
+            return True
+        target = logging.getLogger(POOL_LOGGER)
+        if target.isEnabledFor(record.levelno):
+            record.name = POOL_LOGGER
+            target.handle(record)
+        return False
+
+
+def _about_pgfeed_pool(record: logging.LogRecord) -> bool:
+    if record.threadName == "pgfeed-reader":
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    if task is not None and _pgfeed_name(task.get_name()):
+        return True
+    args = record.args if isinstance(record.args, tuple) else ()
+    return any(_pgfeed_name(arg) or _pgfeed_name(_pool_name(arg)) for arg in args)
+
+
+def _pool_name(arg: object) -> object:
+    """The name of the pool ``arg`` is or belongs to (a pooled connection), if any."""
+    pool = getattr(arg, "_pool", None) or arg
+    return getattr(pool, "name", None)
+
+
+def _pgfeed_name(name: object) -> bool:
+    return isinstance(name, str) and name.startswith(POOL_PREFIX)
+
+
+for _name in _PSYCOPG_POOL_LOGGERS:
+    logging.getLogger(_name).addFilter(_PgfeedPools())

@@ -8,8 +8,8 @@ outbox).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import weakref
 from collections.abc import Awaitable, Sequence
 from typing import Any, overload
 
@@ -21,13 +21,6 @@ from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import CommitTokenUnavailable, PayloadError, PermissionDenied, PgfeedError, UsageError, translate
 
 _Query = tuple[str, tuple[Any, ...], str]
-
-#: The transaction id of the last pgfeed write on each connection, so that
-#: commit_token() needs no query (it then cannot fail after a COMMIT).
-_last_xid: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-#: Appended to each write: the writer's transaction, in the same round trip.
-_WITH_XID = ", pg_current_xact_id()::text::bigint"
 
 
 def encode_payload(payload: Any) -> str:
@@ -53,7 +46,7 @@ def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
     check_stream_name(stream)
     _check_key(key)
     return (
-        "SELECT pgfeed.append_v2(%s, %s::jsonb, %s)" + _WITH_XID,
+        "SELECT pgfeed.append_v2(%s, %s::jsonb, %s)",
         (stream, encode_payload(payload), key),
         f"appending to {stream!r}",
     )
@@ -69,7 +62,7 @@ def _append_many_query(stream: str, payloads: Sequence[Any], keys: Sequence[str 
         for k in keys:
             _check_key(k)
     return (
-        "SELECT pgfeed.append_many_v2(%s, %s::text[]::jsonb[], %s::text[])" + _WITH_XID,
+        "SELECT pgfeed.append_many_v2(%s, %s::text[]::jsonb[], %s::text[])",
         (stream, [encode_payload(p) for p in payloads], list(keys) if keys is not None else None),
         f"appending to {stream!r}",
     )
@@ -81,7 +74,7 @@ def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
     if isinstance(keys, str):
         raise UsageError("keys must be a sequence of strings (or None for the whole cache), not a single string")
     return (
-        "SELECT pgfeed.invalidate_v2(%s, %s::text[])" + _WITH_XID,
+        "SELECT pgfeed.invalidate_v2(%s, %s::text[])",
         (cache_name, [str(k) for k in keys] if keys is not None else None),
         f"invalidating cache {cache_name!r}",
     )
@@ -111,14 +104,7 @@ def _run(conn: Any, query: _Query) -> Any:
         row = conn.cursor(row_factory=tuple_row).execute(text, params).fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
-    return _result(conn, row)
-
-
-def _result(conn: Any, row: Any) -> Any:
-    if not row:
-        return None
-    _last_xid[conn] = int(row[1])
-    return row[0]
+    return row[0] if row else None
 
 
 async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tuple[Any, ...], doing: str) -> Any:
@@ -127,7 +113,7 @@ async def _run_async(conn: psycopg.AsyncConnection[Any], text: str, params: tupl
         row = await cur.fetchone()
     except psycopg.Error as exc:
         raise _translate(exc, doing) from None
-    return _result(conn, row)
+    return row[0] if row else None
 
 
 @overload
@@ -176,11 +162,6 @@ def invalidate(conn: Any, cache_name: str, keys: Sequence[str] | None) -> Any:
     return _run(conn, _invalidate_query(cache_name, keys))
 
 
-def _check_idle(conn: Any) -> None:
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise UsageError("commit_token() must be called after COMMIT, outside any transaction")
-
-
 _COMMIT_TOKEN_QUERY = "SELECT pgfeed.commit_token_v2()"  # noqa: S105  # a query, not a password
 
 
@@ -193,46 +174,54 @@ def commit_token(conn: Any) -> Any:
     right after COMMIT and hand ``str(token)`` to ``Reader.wait_for`` in any
     process. It writes nothing and waits for nothing.
 
-    After :func:`append`, :func:`append_many` or :func:`invalidate` it names
-    the transaction they ran in (``x<xid>``), with no query at all, so it
-    cannot fail once your COMMIT succeeded. Otherwise (writes made in plain
-    SQL) it asks the server for a snapshot token (``s...``) covering every
-    transaction committed so far; if that fails, it raises
+    It asks the server for a snapshot token (``s...``): every transaction
+    committed so far, this connection's last one included, whatever wrote it
+    (:func:`append`, plain SQL, another driver). It leaves the connection idle.
+    If that fails (the connection was lost after the COMMIT), it raises
     :class:`~pgfeed.errors.CommitTokenUnavailable`, whose message says that
-    the write itself is committed. From plain SQL in any driver, call
-    ``SELECT pgfeed.commit_token()`` inside the writing transaction instead.
+    the write itself is committed: take a token on another connection, which
+    covers it too. To hold a token before COMMIT, so that nothing can fail
+    after it, run ``SELECT pgfeed.commit_token()`` inside the writing
+    transaction (any driver): it names that transaction (``x<xid>``).
     """
     if not isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
         raise UsageError(f"expected a psycopg Connection or AsyncConnection, got {type(conn).__name__}")
-    _check_idle(conn)
-    xid = _last_xid.pop(conn, None)
+    # A token cached from an earlier write could not be trusted: nothing says
+    # which transaction the connection committed last (a later one in plain
+    # SQL, or a rollback since). The server's snapshot now covers whichever it was.
+    status = conn.info.transaction_status
+    if status == psycopg.pq.TransactionStatus.UNKNOWN:
+        raise _token_unavailable("the connection is closed or was lost")
+    if status != psycopg.pq.TransactionStatus.IDLE:
+        raise UsageError("commit_token() must be called after COMMIT, outside any transaction")
     if isinstance(conn, psycopg.AsyncConnection):
-        return _commit_token_async(conn, xid)
-    if xid is not None:
-        return CommitToken(xid=xid)
+        return _commit_token_async(conn)
     try:
         row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
+        if not conn.autocommit:
+            with contextlib.suppress(psycopg.Error):  # the token is had; a failure shows at the next use
+                conn.rollback()  # end the transaction the query opened, which wrote nothing
     except psycopg.Error as exc:
-        raise _token_unavailable(exc) from None
+        raise _token_unavailable(translate(exc, "taking a commit token")) from None
     return _parse_token(row)
 
 
-async def _commit_token_async(conn: psycopg.AsyncConnection[Any], xid: int | None) -> CommitToken:
-    if xid is not None:
-        return CommitToken(xid=xid)
+async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> CommitToken:
     try:
         cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
         row = await cur.fetchone()
+        if not conn.autocommit:
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
     except psycopg.Error as exc:
-        raise _token_unavailable(exc) from None
+        raise _token_unavailable(translate(exc, "taking a commit token")) from None
     return _parse_token(row)
 
 
-def _token_unavailable(exc: psycopg.Error) -> PgfeedError:
-    reason = translate(exc, "taking a commit token")
+def _token_unavailable(reason: object) -> PgfeedError:
     return CommitTokenUnavailable(
-        f"your transaction is committed, but no commit token could be had: {reason} "
-        "(wait_for cannot tell when readers see it; retry commit_token on a fresh connection)"
+        f"the write is committed (COMMIT returned), but no commit token could be had on this connection: {reason}; "
+        "take one with commit_token() on another connection: it covers the write too"
     )
 
 

@@ -19,6 +19,29 @@ from typing import Any
 from click.testing import CliRunner, Result
 from pgfeed_cli.main import cli
 
+#: A Django project's settings, as a program's first lines: DATABASES["default"]
+#: is the database of libpq connection string ``dsn`` (a variable set before).
+DJANGO_SETTINGS = """
+import django
+from django.conf import settings
+from psycopg import conninfo
+
+params = conninfo.conninfo_to_dict(dsn)
+settings.configure(
+    DATABASES={
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": params["dbname"],
+            "USER": params.get("user", ""),
+            "PASSWORD": params.get("password", ""),
+            "HOST": params.get("host", ""),
+            "PORT": params.get("port", ""),
+        }
+    }
+)
+django.setup()
+"""
+
 #: The installed console script, the way users run it (next to this interpreter).
 PGFEED = str(Path(sys.executable).with_name("pgfeed"))
 

@@ -145,12 +145,27 @@ def status_cmd(
     if watch is None:
         with obj.conn("reading pgfeed's status") as conn:
             st = status_lib.gather(conn, streams or None, thresholds)
+        _known_consumers(thresholds, st, streams)
         _print(st, thresholds, json, watching=False)
         found = health.problems(st, thresholds)
         if found:
             raise PgfeedError("unhealthy: " + health.one_line(found))
         return
     _watch(obj, streams or None, thresholds, json, watch)
+
+
+class _UnknownConsumer(click.ClickException):
+    """A usage error found once the database answered: one line, exit 2 (no --help hint: it names what exists)."""
+
+    exit_code = 2
+
+
+def _known_consumers(thresholds: health.Thresholds, st: health.Status, streams: Sequence[str] | None) -> None:
+    """Exit 2 when --max-lag names a consumer the report does not have."""
+    try:
+        health.check_lag_overrides(thresholds, (c.consumer for c in st.consumers), some_streams=bool(streams))
+    except UsageError as exc:
+        raise _UnknownConsumer(str(exc)) from None
 
 
 def _print(st: health.Status, thresholds: health.Thresholds, as_json: bool, *, watching: bool) -> None:
@@ -180,11 +195,15 @@ def _watch(obj: Any, streams: list[str] | None, thresholds: health.Thresholds, a
     previous = {sig: signal.signal(sig, stopping) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         conn = None
+        checked = False
         while not stop.is_set():
             try:
                 if conn is None:
                     conn = connect.connect(obj.conninfo, doing="reading pgfeed's status")
                 st = status_lib.gather(conn, streams, thresholds)
+                if not checked:
+                    _known_consumers(thresholds, st, streams)
+                    checked = True
                 _print(st, thresholds, as_json, watching=True)
             except ConnectError as exc:
                 click.echo(f"pgfeed: {exc}; retrying in {every:g}s", err=True)
@@ -203,6 +222,8 @@ def _watch(obj: Any, streams: list[str] | None, thresholds: health.Thresholds, a
 def _run_check(obj: Any, thresholds: health.Thresholds, streams: list[str] | None = None) -> None:
     with obj.conn("checking pgfeed") as conn:
         result = status_lib.check(conn, thresholds, streams)
+    if result.status is not None:
+        _known_consumers(thresholds, result.status, streams)
     if result.problems:
         raise PgfeedError("unhealthy: " + health.one_line(result.problems))
     assert result.status is not None

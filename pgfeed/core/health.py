@@ -69,6 +69,19 @@ def parse_max_lag(values: Iterable[str], default: float = DEFAULT_MAX_LAG) -> tu
     return overall, overrides
 
 
+def check_lag_overrides(thresholds: Thresholds, consumers: Iterable[str], *, some_streams: bool = False) -> None:
+    """:class:`UsageError` when a per-consumer ``--max-lag`` names no consumer
+    among ``consumers`` (those of the streams reported: ``some_streams``):
+    a typo would otherwise silently leave the real consumer at the default."""
+    known = sorted(set(consumers))
+    unknown = sorted(name for name in thresholds.lag_overrides if name not in known)
+    if not unknown:
+        return
+    where = "of the streams shown" if some_streams else "saved in this database"
+    listed = f"the consumers {where} are {', '.join(known)}" if known else f"no consumer is {where}"
+    raise UsageError(f"--max-lag names unknown consumer {unknown[0]!r}: {listed}")
+
+
 # -- what the database says ------------------------------------------------------
 @dataclass(frozen=True)
 class AppName:

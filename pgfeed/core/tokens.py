@@ -4,12 +4,11 @@ A writer cannot know, at COMMIT, which tick will first cover its
 transaction: ticks are taken later, by the ticker. So the token names what
 the writer does know, and a reader resolves it against the shared ticks:
 
-* ``x<xid>`` — the writer's transaction (``pgfeed.commit_token()`` inside it,
-  or what :func:`pgfeed.append` recorded on the connection). It is covered by
-  every tick whose snapshot sees ``xid`` as ended.
-* ``s<xmin>:<xmax>:<xip>`` — a snapshot taken after COMMIT by a session that
-  wrote nothing: every transaction that had ended by then, the writer's
-  included. It is covered by every tick that sees all of those as ended.
+* ``x<xid>`` — the writer's transaction (``SELECT pgfeed.commit_token()``
+  inside it). It is covered by every tick whose snapshot sees ``xid`` as ended.
+* ``s<xmin>:<xmax>:<xip>`` — a snapshot taken after COMMIT
+  (:func:`pgfeed.commit_token`): every transaction that had ended by then,
+  the writer's included. It is covered by every tick that sees all of those as ended.
 
 Coverage is monotonic in the tick id (a tick sees everything the previous one
 saw), so every process resolves a token to the same first covering tick ``n``,

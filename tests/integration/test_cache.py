@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -10,10 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from test_sync_reader import in_child
 
 import pgfeed
 from pgfeed import admin
-from pgfeed.errors import ReaderClosed
+from pgfeed.errors import ForkedReader, ReaderClosed
 
 
 @pytest.fixture
@@ -188,3 +190,35 @@ def test_a_sync_cache_refuses_to_serve_after_its_reader_closed(pgfeed_dsn: str) 
     reader.close()
     with pytest.raises(ReaderClosed, match="make a new cache"):
         cache.get("a")
+
+
+def refused_in_a_fork(cache: pgfeed.Cache[Any] | pgfeed.AsyncCache[Any], get: Any) -> str:
+    """What a child forked from this process gets from ``cache``: it must refuse at once."""
+    parent = os.getpid()
+
+    def child() -> None:
+        started = time.monotonic()
+        for call in (get, lambda: "1" in cache, lambda: cache["1"]):
+            with pytest.raises(ForkedReader, match=f"opened in process {parent} before a fork"):
+                call()
+        assert time.monotonic() - started < 1
+
+    return in_child(child)
+
+
+def test_a_cache_inherited_through_fork_refuses_at_once(pgfeed_dsn: str, items: str) -> None:
+    with pgfeed.Reader(pgfeed_dsn) as reader:
+        cache = reader.cache("items")
+        assert cache.get("1", lambda key: "cached in the parent") == "cached in the parent"
+        # The child's copy would never be invalidated: it must not serve it.
+        assert refused_in_a_fork(cache, lambda: cache.get("1")) == "ok"
+        assert cache.get("1") == "cached in the parent"  # the parent's cache is untouched
+
+
+async def test_an_async_cache_inherited_through_fork_refuses_at_once(pgfeed_dsn: str, items: str) -> None:
+    async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        cache = await reader.cache("items")
+        assert await cache.get("1", lambda key: "cached in the parent") == "cached in the parent"
+        # A coroutine refuses before its first await: no event loop needed in the child.
+        assert refused_in_a_fork(cache, lambda: cache.get("1").send(None)) == "ok"
+        assert await cache.get("1") == "cached in the parent"

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import DJANGO_SETTINGS
 from psycopg import conninfo as pg_conninfo
 
 import pgfeed
@@ -96,26 +97,11 @@ def test_sqlalchemy_core(
 
 
 #: Django wants its settings once per process: the example runs in a process of its own.
-DJANGO_APP = """
-import json, sys
-import django
-from django.conf import settings
-
-params = json.loads(sys.argv[1])
-settings.configure(
-    DATABASES={
-        "default": {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": params["dbname"],
-            "USER": params.get("user", ""),
-            "PASSWORD": params.get("password", ""),
-            "HOST": params.get("host", ""),
-            "PORT": params.get("port", ""),
-        }
-    },
-)
-django.setup()
-
+DJANGO_APP = (
+    "import sys\ndsn = sys.argv[1]\n"
+    + DJANGO_SETTINGS
+    + """
+import json
 from django.db import connection, transaction
 
 with transaction.atomic():
@@ -125,13 +111,13 @@ with transaction.atomic():
         token = cur.fetchone()[0]
 print(token)
 """
+)
 
 
 def test_django_connection(pgfeed_dsn: str, stream: str, reader: tuple[pgfeed.Reader, list[pgfeed.Row]]) -> None:
     r, rows = reader
-    params = pg_conninfo.conninfo_to_dict(pgfeed_dsn)
     out = subprocess.run(
-        [sys.executable, "-c", DJANGO_APP, json.dumps({k: str(v) for k, v in params.items()})],
+        [sys.executable, "-c", DJANGO_APP, pgfeed_dsn],
         capture_output=True,
         text=True,
         timeout=60,

@@ -59,8 +59,65 @@ with pgfeed.Reader(dsn) as reader:  # the threaded reader too
 """
 
 
-def host_program(dsn: str, mode: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-c", PROGRAM, dsn, mode], capture_output=True, text=True, timeout=120)
+#: A host program whose readers' backends are killed again and again: each
+#: time it waits (read-your-writes) until its reader delivers a new row, so the
+#: pools lost connections and replaced them. With logging configured
+#: ("basic"), it also has a pool of its own, one of whose connections is killed.
+KILLS_PROGRAM = """
+import asyncio
+import logging
+import sys
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+import pgfeed
+from pgfeed import admin, migrator
+
+dsn, mode = sys.argv[1:]
+if mode == "basic":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+KILL = (
+    "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> ALL(%s)"
+)
+
+
+def kill_and_write(conn, n, spare=()):
+    (killed,) = conn.execute(KILL, (list(spare),)).fetchone()
+    assert killed >= 2, killed  # at least the listener and a pooled connection
+    pgfeed.append(conn, "orders", n)
+    return pgfeed.commit_token(conn)
+
+
+async def main(conn):
+    async with pgfeed.AsyncReader(dsn, poll_interval=0.2) as reader:
+        await reader.on("orders", lambda batch: None, since="now")
+        for n in range(3):
+            await reader.wait_for("orders", kill_and_write(conn, n), timeout=60)
+
+
+with psycopg.connect(dsn, autocommit=True) as conn:
+    migrator.migrate(conn)
+    admin.create_stream(conn, "orders")
+    asyncio.run(main(conn))
+    with pgfeed.Reader(dsn, poll_interval=0.2) as reader:
+        reader.on("orders", lambda batch: None, since="now")
+        for n in range(3):
+            reader.wait_for("orders", kill_and_write(conn, n), timeout=60)
+    if mode == "basic":
+        with ConnectionPool(dsn, min_size=1, max_size=1, name="the-app", open=True) as pool:
+            try:
+                with pool.connection() as own:
+                    conn.execute("SELECT pg_terminate_backend(%s, 10000)", (own.info.backend_pid,))
+                    own.execute("SELECT 1")
+            except psycopg.OperationalError:
+                pass
+"""
+
+
+def host_program(dsn: str, mode: str, program: str = PROGRAM) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-c", program, dsn, mode], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -79,3 +136,24 @@ def test_with_basic_config_the_events_arrive_with_their_key_values(pgfeed_server
     warnings = [line for line in lines if line.startswith("WARNING pgfeed.reader: ")]
     assert warnings, lines
     assert all("stream=orders" in line for line in warnings), warnings
+
+
+def test_killed_backends_print_nothing_without_logging_configured(pgfeed_server: TestServer, fresh_db: str) -> None:
+    """psycopg_pool's warnings about pgfeed's pools ("discarding closed
+    connection") reached Python's last-resort handler on stderr."""
+    done = host_program(pgfeed_server.dsn_for(fresh_db), "quiet", KILLS_PROGRAM)
+    assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_with_logging_configured_pgfeeds_pool_records_arrive_as_pgfeed_pool(
+    pgfeed_server: TestServer, fresh_db: str
+) -> None:
+    done = host_program(pgfeed_server.dsn_for(fresh_db), "basic", KILLS_PROGRAM)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("WARNING pgfeed.pool: discarding closed connection")]
+    assert ours, lines
+    # The application's own pool still logs as psycopg_pool does: nothing of it is moved or lost.
+    theirs = [line for line in lines if line.startswith("WARNING psycopg.pool: ")]
+    assert len(theirs) == 1, theirs
+    assert theirs[0].startswith("WARNING psycopg.pool: discarding closed connection: <psycopg.Connection [BAD]")

@@ -1,15 +1,18 @@
 """The recipes of docs/embedding.md, run as written, in real server processes.
 
 Each block of that page marked ``# file: NAME`` is copied into a directory and
-the server runs it: gunicorn with 2 sync workers and ``--preload`` (readers
-opened in ``post_worker_init``), uvicorn with 2 workers (an ``AsyncReader`` in
-the Starlette lifespan). A client writes and reads through HTTP, carrying the
-write's commit token, while the readers' backends are killed several times:
-no 5xx, no stale read, both workers serve.
+the server runs it: gunicorn with 4 sync workers and ``--preload`` (readers
+opened in ``post_worker_init``), uvicorn with 4 workers (an ``AsyncReader`` in
+the Starlette lifespan). Concurrent clients write and read back through HTTP,
+carrying each write's commit token, while the readers' backends are killed in
+a loop and, when the session owns the server, PostgreSQL restarts once midway:
+no 5xx, no stale read, every write applied once, every worker serves.
+(Marked slow: each runs for about half a minute.)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -29,11 +32,16 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgfeed.testing import TestServer
+
 DOC = Path(__file__).parents[2] / "docs" / "embedding.md"
 READER_APP_NAME = "pgfeed-recipe-reader"
-WORKERS = 2
-WRITES = 60
-KILLS = (10, 22, 34, 46)  # kill the readers' backends before these writes
+WORKERS = 4
+CLIENTS = 8
+ROUNDS = 20  # per client: a write, then reads of it with its token
+READS = 2
+KEYS = 3
+KILL_EVERY = 0.5  # seconds between rounds of killing: paces the load, synchronises nothing
 
 
 def recipe_files() -> dict[str, str]:
@@ -122,68 +130,115 @@ def run_server(app_dir: Path, pgfeed_dsn: str) -> Iterator[Any]:
 def request(url: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)  # noqa: S310  # http, ours
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310  # the URL is built above
+        with urllib.request.urlopen(req, timeout=90) as response:  # noqa: S310  # the URL is built above
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, {"error": exc.read().decode(errors="replace")[-300:]}
 
 
-def kill_reader_backends(conn: psycopg.Connection[Any]) -> int:
-    """Terminate every backend of the apps' readers (and their embedded ticker's); how many."""
-    row = conn.execute(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND (application_name = %s OR pid = (SELECT backend_pid FROM pgfeed.ticker))",
-        (READER_APP_NAME,),
-    ).fetchone()
+def kill_reader_backends(dsn: str) -> int | None:
+    """Terminate every backend of the apps' readers (and their embedded ticker's):
+    how many, or None while the server cannot be reached (restarting)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND (application_name = %s OR pid = (SELECT backend_pid FROM pgfeed.ticker))",
+                (READER_APP_NAME,),
+            ).fetchone()
+    except psycopg.OperationalError:
+        return None
     assert row is not None
     return int(row[0])
 
 
-def exercise(base: str, conn: psycopg.Connection[Any]) -> None:
-    """Write, then read with the write's token, through HTTP; kill the readers'
-    backends now and then. Every response is a 200 and fresh; both workers serve."""
-    failures: list[str] = []
-    killed: list[int] = []
-    writers: set[int] = set()
-    readers: set[int] = set()
-    for i in range(WRITES):
-        if i in KILLS:
-            killed.append(kill_reader_backends(conn))
-        key = 1 + i % 3
-        status, wrote = request(f"{base}/items?key={key}", "POST")
-        if status != 200:
-            failures.append(f"write {i}: HTTP {status} {wrote}")
-            continue
-        writers.add(wrote["pid"])
-        # Read it back several times: the requests land on either worker.
-        for _ in range(3):
-            status, read = request(f"{base}/items?key={key}&after={wrote['token']}")
+class Load:
+    """What the clients saw: failures (5xx, stale reads), who served, writes applied."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.failures: list[str] = []
+        self.writes = 0
+        self.reads = 0
+        self.served: set[int] = set()
+        self.halfway = threading.Event()
+
+    def client(self, base: str, n: int) -> None:
+        for i in range(ROUNDS):
+            key = 1 + (n + i) % KEYS
+            status, wrote = request(f"{base}/items?key={key}", "POST")
             if status != 200:
-                failures.append(f"read {i}: HTTP {status} {read}")
+                self.fail(f"client {n} write {i}: HTTP {status} {wrote}")
                 continue
-            readers.add(read["pid"])
-            if read["version"] < wrote["version"]:
-                failures.append(f"read {i}: stale version {read['version']} < {wrote['version']}")
-    assert failures == []
-    assert all(n >= WORKERS for n in killed), f"backends killed at each round: {killed}"
-    assert len(readers) == WORKERS, f"reads served by {readers}: both workers should have served"
-    final = dict(conn.execute("SELECT id, version FROM items").fetchall())
-    assert sum(final.values()) == WRITES
+            with self.lock:
+                self.writes += 1
+                self.served.add(wrote["pid"])
+                if self.writes >= CLIENTS * ROUNDS // 2:
+                    self.halfway.set()
+            for _ in range(READS):  # each read may land on any worker
+                status, read = request(f"{base}/items?key={key}&after={wrote['token']}")
+                if status != 200:
+                    self.fail(f"client {n} read {i}: HTTP {status} {read}")
+                    continue
+                if read["version"] < wrote["version"]:
+                    self.fail(f"client {n} read {i}: stale version {read['version']} < {wrote['version']}")
+                with self.lock:
+                    self.reads += 1
+                    self.served.add(read["pid"])
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(what)
 
 
+def exercise(base: str, dsn: str, server: TestServer, lines: Lines) -> None:
+    """CLIENTS threads write and read back with the write's token through HTTP
+    while the readers' backends are killed every KILL_EVERY seconds and, once
+    half the writes are done, the server restarts (if this session owns it)."""
+    load = Load()
+    clients = [threading.Thread(target=load.client, args=(base, n), daemon=True) for n in range(CLIENTS)]
+    for t in clients:
+        t.start()
+    killed: list[int | None] = []
+    restarted = False
+    while any(t.is_alive() for t in clients):
+        killed.append(kill_reader_backends(dsn))
+        if load.halfway.is_set() and not restarted and server.can_restart:
+            server.restart("fast")
+            restarted = True
+        paced = time.monotonic() + KILL_EVERY
+        for t in clients:
+            t.join(max(paced - time.monotonic(), 0.0))
+    assert load.failures == [], (load.failures[:10], [line for line in lines.so_far() if "rror" in line][-20:])
+    rounds = [k for k in killed if k]
+    assert len(rounds) >= 4, f"backends killed at each round: {killed}"
+    assert restarted or not server.can_restart
+    assert load.writes == CLIENTS * ROUNDS
+    assert load.reads == CLIENTS * ROUNDS * READS
+    assert len(load.served) == WORKERS, f"requests served by {load.served}: every worker should have served"
+    with psycopg.connect(dsn) as conn:
+        final = dict(conn.execute("SELECT id, version FROM items").fetchall())
+    assert sum(final.values()) == load.writes  # each write applied once, retries included
+    print(f"{load.writes} writes, {load.reads} reads; backends killed per round: {killed}; restarted: {restarted}")
+
+
+@pytest.mark.slow
+@pytest.mark.restart
 @pytest.mark.skipif(shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None, reason="no gunicorn")
-def test_gunicorn_sync_workers_with_preload(run_server: Any, pgfeed_conn: psycopg.Connection[Any]) -> None:
+def test_gunicorn_sync_workers_with_preload(run_server: Any, pgfeed_dsn: str, pgfeed_server: TestServer) -> None:
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     base, lines = run_server(
         gunicorn, "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:{port}", "wsgi_app:app", ready="pgfeed reader opened"
     )
-    exercise(base, pgfeed_conn)
+    exercise(base, pgfeed_dsn, pgfeed_server, lines)
     assert not [line for line in lines.so_far() if "ForkedReader" in line or "Traceback" in line]
 
 
+@pytest.mark.slow
+@pytest.mark.restart
 @pytest.mark.skipif(shutil.which("uvicorn", path=str(Path(sys.executable).parent)) is None, reason="no uvicorn")
-def test_uvicorn_workers_with_a_starlette_lifespan(run_server: Any, pgfeed_conn: psycopg.Connection[Any]) -> None:
+def test_uvicorn_workers_with_a_starlette_lifespan(run_server: Any, pgfeed_dsn: str, pgfeed_server: TestServer) -> None:
     uvicorn = str(Path(sys.executable).with_name("uvicorn"))
     base, lines = run_server(
         uvicorn,
@@ -196,9 +251,71 @@ def test_uvicorn_workers_with_a_starlette_lifespan(run_server: Any, pgfeed_conn:
         "127.0.0.1",
         ready="Application startup complete",
     )
-    exercise(base, pgfeed_conn)
+    exercise(base, pgfeed_dsn, pgfeed_server, lines)
     assert not [line for line in lines.so_far() if "Traceback" in line]
 
 
+#: Celery's prefork pool, without a broker: the main process imports the app
+#: (its Reader unopened) and forks a child, which gets Celery's real
+#: worker_process_init signal and runs the task locally, as a pool process
+#: would; a write commits between two runs of the task.
+CELERY_POOL_PROCESS = """
+import json
+import os
+
+import psycopg
+from celery.signals import worker_process_init, worker_process_shutdown
+
+import celery_app
+import pgfeed
+
+
+def write(conn):
+    with conn.transaction():
+        version = conn.execute("UPDATE items SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()[0]
+        pgfeed.invalidate(conn, "items", ["1"])
+    return version, str(pgfeed.commit_token(conn))
+
+
+read_fd, write_fd = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        worker_process_init.send(sender=None)
+        with psycopg.connect(os.environ["APP_DSN"], autocommit=True) as conn:
+            seen = []
+            for _ in range(2):  # the second run's cached value must be dropped by the second write
+                version, token = write(conn)
+                seen.append((version, celery_app.report.apply(args=(1, token)).get(timeout=30)))
+        worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+        os.write(write_fd, json.dumps({"seen": seen, "closed": celery_app.reader.position("caches") is None}).encode())
+    finally:
+        os._exit(0)
+os.close(write_fd)
+report = os.read(read_fd, 65536).decode()
+os.waitpid(pid, 0)
+print(json.dumps({"child": json.loads(report), "parent_opened": celery_app.items is not None}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("celery") is None, reason="no celery")
+def test_celery_worker_process_init_opens_the_reader_in_the_forked_child(app_dir: Path, pgfeed_dsn: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CELERY_POOL_PROCESS],
+        cwd=app_dir,
+        env={**os.environ, "APP_DSN": pgfeed_dsn, "PYTHONPATH": str(app_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["child"]["seen"] == [[1, 1], [2, 2]], result  # each run saw its write, the cache invalidated
+    assert result["child"]["closed"] is True  # by worker_process_shutdown
+    assert result["parent_opened"] is False  # the main process never opened a reader
+    assert "Traceback" not in done.stderr
+
+
 def test_the_recipes_page_has_the_files_the_tests_run() -> None:
-    assert set(recipe_files()) == {"wsgi_app.py", "gunicorn.conf.py", "asgi_app.py"}
+    assert set(recipe_files()) == {"wsgi_app.py", "gunicorn.conf.py", "asgi_app.py", "celery_app.py"}

@@ -246,6 +246,33 @@ def test_a_stalled_consumer_fails_status_with_one_line(pgfeed_dsn: str, pgfeed_c
     assert "(and 1 more: consumer 'stuck'" in check.stderr
 
 
+def test_max_lag_for_an_unknown_consumer_is_a_usage_error(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    admin.create_stream(pgfeed_conn, "audit")
+    head = str(take_tick(pgfeed_conn))
+    save_position(pgfeed_conn, "mailer", "orders", head)
+    save_position(pgfeed_conn, "billing", "orders", head)
+    save_position(pgfeed_conn, "archive", "audit", head)
+
+    for command in (["status"], ["status", "--json"], ["status", "--check"], ["check"]):
+        line = one_line_error(run_cli(pgfeed_dsn, *command, "--max-lag", "billing=1h", "--max-lag", "typo=1s"), 2)
+        assert line == (
+            "pgfeed: error: --max-lag names unknown consumer 'typo': "
+            "the consumers saved in this database are archive, billing, mailer"
+        ), (command, line)
+    # Naming streams narrows what is known: archive follows audit only.
+    line = one_line_error(run_cli(pgfeed_dsn, "status", "orders", "--max-lag", "archive=1m"), 2)
+    assert line.endswith("unknown consumer 'archive': the consumers of the streams shown are billing, mailer")
+    assert run_cli(pgfeed_dsn, "status", "--max-lag", "billing=1h", "--max-lag", "archive=1m").exit_code == 0
+    known = run_cli(pgfeed_dsn, "check", "--max-lag", "mailer=1h")  # past the usage check: no ticker runs here
+    assert one_line_error(known, 1).startswith("pgfeed: error: unhealthy: no live ticker")
+
+
+def test_max_lag_for_a_consumer_in_an_empty_database(pgfeed_dsn: str) -> None:
+    line = one_line_error(run_cli(pgfeed_dsn, "status", "--max-lag", "typo=1s"), 2)
+    assert line == "pgfeed: error: --max-lag names unknown consumer 'typo': no consumer is saved in this database"
+
+
 def one_line_error_after_report(result: Any) -> str:
     """The one stderr line of an unhealthy status (which printed its report first)."""
     assert result.exit_code == 1, result.output

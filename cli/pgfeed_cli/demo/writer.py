@@ -43,9 +43,10 @@ def run_writer(conninfo: str, rate: float, emit: Emitter) -> int:
                     payload = {"n": n, "text": f"hello #{n}", "t": round(time.time(), 6)}
                     seq = pgfeed.append(conn, STREAM, payload)
                 token = pgfeed.commit_token(conn)
-            except (pgfeed.ConnectError, psycopg.OperationalError) as exc:
+            except (pgfeed.ConnectError, pgfeed.CommitTokenUnavailable, psycopg.OperationalError) as exc:
                 # The server restarted or the connection dropped: whether row n
-                # committed is unknown (the readers will tell). Reconnect, go on.
+                # committed is unknown, or known but without a token (the
+                # readers will tell; the next token covers it). Reconnect, go on.
                 emit({"type": "notice", "message": f"writer: {one_line(exc)}; reconnecting"})
                 conn.close()
                 while not stop.wait(backoff.next_delay()):
