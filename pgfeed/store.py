@@ -29,7 +29,7 @@ class StoredRow(NamedTuple):
 
 AConn = psycopg.AsyncConnection[Any]
 
-_TICKS = "SELECT id, snap::text, seq_lo, seq_hi FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
+_TICKS = "SELECT id, snap::text, seq_lo, seq_hi, fp FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
 
 # One round trip: the stream's floor and the interval's rows in seq order
 # (pgfeed.interval_rows_v2). The floor is read in the same snapshot as the
@@ -43,11 +43,15 @@ SELECT r.*, f.floor_tick
 """
 
 
-def _tick(i: Any, snap: str, lo: Any, hi: Any) -> Tick:
-    return Tick(int(i), Snapshot.parse(snap), None if lo is None else int(lo), None if hi is None else int(hi))
+def _tick(i: Any, snap: str, lo: Any, hi: Any, fp: Any) -> Tick:
+    return Tick(int(i), Snapshot.parse(snap), _int(lo), _int(hi), _int(fp))
 
 
-_READ_LIVE = "SELECT * FROM pgfeed.read_live_v2(%s, %s::text[], %s::bigint[], %s::integer)"
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+_READ_LIVE = "SELECT * FROM pgfeed.read_live_v3(%s, %s::text[], %s::bigint[], %s::integer)"
 
 
 #: ``known`` for a reader that has no head yet: no tick list, just the head.
@@ -81,20 +85,20 @@ async def read_live(
     metas: dict[str, StreamMeta] = {}
     prefetched: dict[str, tuple[list[StoredRow], int]] = {}
     server_xmax = 0
-    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon in found:
+    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon, fp in found:
         if name is not None:
             rows, _ = prefetched.setdefault(name, ([], int(floor)))
             if x is not None:
                 rows.append(StoredRow(x, s, c, k, p))
         elif meta_json is not None:
             if tick_id is not None:
-                head = _tick(tick_id, snap, lo, hi)
+                head = _tick(tick_id, snap, lo, hi, fp)
             server_xmax = int(horizon)
             metas = {
                 n: StreamMeta(int(v[0]), int(v[1]), int(v[2]), str(v[3])) for n, v in json.loads(meta_json).items()
             }
         else:
-            ticks.append(_tick(tick_id, snap, lo, hi))
+            ticks.append(_tick(tick_id, snap, lo, hi, fp))
     by_stream = {name: Prefetched(rows, floor) for name, (rows, floor) in prefetched.items()}
     return Live(ticks, head, metas, by_stream, server_xmax)
 

@@ -100,12 +100,15 @@ class Snapshot:
 @dataclass(frozen=True)
 class Tick:
     """A numbered snapshot, shared by every reader, with its seq bounds
-    (None on ticks of the previous release)."""
+    (None on ticks of the previous release) and its fingerprint ``fp``
+    (``pgfeed.ticks.fp``: the same id with another fingerprint is another
+    history; None where the reader did not read it)."""
 
     id: int
     snapshot: Snapshot
     seq_lo: int | None = None
     seq_hi: int | None = None
+    fp: int | None = None
 
 
 class Position(NamedTuple):

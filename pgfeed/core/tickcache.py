@@ -84,11 +84,14 @@ class TickCache(Generic[R]):
         return self.run(first, head.id) or [head]
 
     def changed(self, ticks: Sequence[Tick]) -> Tick | None:
-        """The first of ``ticks`` cached with another snapshot: ticks are
-        immutable, so the database is not the one they were read from."""
+        """The first of ``ticks`` cached as another tick: ticks are immutable,
+        so the database is not the one they were read from. Another snapshot
+        or other seq bounds tell; so do two known fingerprints that differ
+        (a promoted standby can take a tick with the same id and snapshot
+        on a quiet system; the fingerprint covers its time and term too)."""
         for t in ticks:
             seen = self.ticks.get(t.id)
-            if seen is not None and seen.snapshot != t.snapshot:
+            if seen is not None and not same_tick(seen, t):
                 return t
         return None
 
@@ -104,3 +107,13 @@ class TickCache(Generic[R]):
         if not pos.complete or head != pos.tick + 1:
             return None
         return self.prefetched.get((stream, pos.tick))
+
+
+def same_tick(a: Tick, b: Tick) -> bool:
+    """Whether ``a`` and ``b`` (same id) are one tick: same snapshot and seq
+    bounds, and the same fingerprint when both are known (a tick taken
+    before migration 0007, or read by a query that does not select it, has
+    none)."""
+    if (a.snapshot, a.seq_lo, a.seq_hi) != (b.snapshot, b.seq_lo, b.seq_hi):
+        return False
+    return a.fp is None or b.fp is None or a.fp == b.fp
