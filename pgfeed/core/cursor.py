@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pgfeed.core.positions import Planned, Position, RowLike, Tick, plan_window
+from pgfeed.core.positions import Planned, Position, PositionToken, RowLike, Tick, plan_window
 from pgfeed.core.tickcache import Prefetched
+from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import FutureToken, TokenError
 
 #: The reset reason when a prune removed rows the position still needs.
@@ -83,6 +84,17 @@ def parse_spec(spec: str | Position, head: int, meta: StreamMeta, what: str) -> 
     if pos.tick > head:
         raise FutureToken(f"position {pos} is beyond anything this database has issued (newest tick {head})")
     return pos
+
+
+def check_spec(text: str) -> str:
+    """``text`` unchanged if it can say where a subscription starts or stops:
+    ``"earliest"``, ``"now"``, a commit token or a position token (with or
+    without its check); else :class:`TokenError` naming the accepted forms.
+    For command-line options, before anything connects (a token's check is
+    verified only by the reader)."""
+    if text not in ("earliest", "now") and CommitToken.parse(text) is None:
+        PositionToken.parse(text)
+    return text
 
 
 def newest_named(*specs: object) -> int | None:
