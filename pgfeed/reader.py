@@ -156,6 +156,7 @@ class AsyncReader:
             self._resolver,
             self._listener,
             self._saver,
+            ticks,
             self._delivered,
             self._fire_reset,
             self._subscriptions.discard,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pgfeed.core.positions import Position, Tick
+from pgfeed.core.tokens import token_check
 
 R = TypeVar("R")
 
@@ -41,6 +42,15 @@ class TickCache(Generic[R]):
 
     def get(self, tick_id: int) -> Tick | None:
         return self.ticks.get(tick_id)
+
+    def check(self, tick_id: int, stream_id: int, created_tick: int) -> str | None:
+        """The check of position tokens at tick ``tick_id`` of the stream
+        incarnation ``(stream_id, created_tick)``; None when the tick or its
+        fingerprint is not known here (the token is then printed bare)."""
+        tick = self.ticks.get(tick_id)
+        if tick is None or tick.fp is None:
+            return None
+        return token_check(stream_id, created_tick, tick.fp)
 
     def add(self, ticks: Sequence[Tick]) -> None:
         """Remember ``ticks``; past ``limit``, forget the lowest ids down to half of it."""

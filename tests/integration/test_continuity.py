@@ -7,11 +7,14 @@ The multi-server scenarios (failover, restore) are in tests/multiserver."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import psycopg
+from ticking import take_tick
 
 import pgfeed
+from pgfeed.core.tokens import token_check
 
 
 def _head(conn: psycopg.Connection[Any]) -> int:
@@ -46,3 +49,32 @@ async def test_a_tick_with_the_same_snapshot_and_another_fingerprint_resets_ever
     assert len(resets) == 1
     assert f"tick {head} is not the tick this reader saw" in resets[0]
     assert "history changed" in resets[0]
+
+
+TOKEN = re.compile(r"[0-9]+(\.[0-9]+)?~[0-9a-f]{6}")
+
+
+async def test_rows_and_batches_carry_tokens_with_a_check_of_the_stream_and_the_tick(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    with pgfeed_conn.transaction():
+        pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(5)])
+    take_tick(pgfeed_conn)
+    pgfeed.append(pgfeed_conn, stream, {"id": 5})
+    async with pgfeed.AsyncReader(pgfeed_dsn, batch_size=4) as reader:
+        sub = await reader.subscribe(stream, until="now")
+        batches = [b async for b in sub]
+    rows = [r for b in batches for r in b.rows]
+    assert [r.payload["id"] for r in rows] == list(range(6))
+    incarnation = pgfeed_conn.execute("SELECT id, created_tick FROM pgfeed.streams WHERE name = %s", (stream,))
+    sid, created = incarnation.fetchone() or (0, 0)
+    for r in rows:
+        assert TOKEN.fullmatch(r.token), r.token
+        fp = pgfeed_conn.execute("SELECT fp FROM pgfeed.ticks WHERE id = %s", (r.position.tick,)).fetchone()
+        assert fp is not None
+        assert r.token == f"{r.position}~{token_check(sid, created, fp[0])}"
+    for b in batches:
+        assert TOKEN.fullmatch(b.token), b.token
+        assert b.token.startswith(f"{b.position}~")
+    assert batches[0].token == rows[3].token, "a batch ending inside a tick: its last row's token"
+    assert batches[-1].token.split("~")[0] == str(batches[-1].position)
