@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from pgfeed.core.cursor import StreamMeta
-from pgfeed.core.positions import Snapshot, Tick
+from pgfeed.core.cursor import StreamMeta, TickFacts
+from pgfeed.core.positions import Position, Snapshot, Tick
 from pgfeed.core.tickcache import Prefetched
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import FutureToken
@@ -151,6 +151,31 @@ async def snapshot_token(conn: AConn) -> CommitToken:
     token = CommitToken.parse(str(row[0])) if row else None
     assert token is not None
     return token
+
+
+# What a position token's tick is, in one snapshot: its fingerprint, and for
+# a partial token whether the stream has a row with that seq in the tick's
+# interval (visible in tick n, not in tick n - 1), with the stream's floor.
+_TICK_FACTS = """
+SELECT t.id IS NOT NULL, t.fp,
+       %(seq)s::bigint IS NOT NULL AND EXISTS (
+           SELECT FROM pgfeed.events e JOIN pgfeed.ticks a ON a.id = t.id - 1
+            WHERE e.stream_id = %(sid)s AND e.seq = %(seq)s
+              AND pg_visible_in_snapshot(e.xid, t.snap) AND NOT pg_visible_in_snapshot(e.xid, a.snap)),
+       (SELECT s.floor_tick FROM pgfeed.streams s WHERE s.id = %(sid)s)
+  FROM (VALUES (1)) one LEFT JOIN pgfeed.ticks t ON t.id = %(tick)s
+"""
+
+
+async def tick_facts(conn: AConn, stream_id: int, pos: Position) -> TickFacts:
+    """What the database holds of tick ``pos.tick`` for a token of stream
+    ``stream_id`` at ``pos`` (see :func:`pgfeed.core.cursor.prove_token`)."""
+    seq = None if pos.complete else pos.seq
+    cur = await conn.execute(_TICK_FACTS, {"sid": stream_id, "seq": seq, "tick": pos.tick})
+    row = await cur.fetchone()
+    assert row is not None
+    exists, fp, names_row, floor = row
+    return TickFacts(bool(exists), _int(fp), bool(names_row), _int(floor) or 0)
 
 
 async def fetch_ticks(conn: AConn, first: int, last: int) -> list[Tick]:

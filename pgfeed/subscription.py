@@ -255,7 +255,9 @@ class Subscription:
         if wanted is not None and (known is None or known.id < wanted):
             head, metas = await feed.refresher.refresh([self.stream])
         head = feed.refresher.head or head
-        self.cursor.start(since, until, head.id, meta)
+        start = await feed.resolver.prove(self.stream, since, head.id, meta, "since")
+        stop = await feed.resolver.prove(self.stream, until, head.id, meta, "until") if until is not None else None
+        self.cursor.start(start, stop, head.id, meta)
         await feed.listener.ready()
 
     def _reset(self, reason: str) -> None:

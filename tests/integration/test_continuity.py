@@ -11,10 +11,15 @@ import re
 from typing import Any
 
 import psycopg
+import pytest
 from ticking import take_tick
 
 import pgfeed
+from pgfeed import admin
+from pgfeed.core.cursor import OLDER_INCARNATION
+from pgfeed.core.positions import PositionToken
 from pgfeed.core.tokens import token_check
+from pgfeed.errors import TokenError
 
 
 def _head(conn: psycopg.Connection[Any]) -> int:
@@ -78,3 +83,128 @@ async def test_rows_and_batches_carry_tokens_with_a_check_of_the_stream_and_the_
         assert b.token.startswith(f"{b.position}~")
     assert batches[0].token == rows[3].token, "a batch ending inside a tick: its last row's token"
     assert batches[-1].token.split("~")[0] == str(batches[-1].position)
+
+
+# -- tokens that do not name a point of the stream are refused ---------------
+
+Conn = psycopg.Connection[Any]
+
+
+async def _read(dsn: str, stream: str, since: str, **options: Any) -> list[pgfeed.Row]:
+    """Every row of ``stream`` after ``since`` up to now (raises what subscribe raises)."""
+    async with pgfeed.AsyncReader(dsn, **options) as reader:
+        sub = await reader.subscribe(stream, since, until="now")
+        return [r async for b in sub for r in b.rows]
+
+
+async def _refused(dsn: str, stream: str, token: str, match: str) -> str:
+    """``token`` is refused by subscribe and by wait_for, in one line, before anything is delivered."""
+    async with pgfeed.AsyncReader(dsn) as reader:
+        with pytest.raises(TokenError, match=match) as refused:
+            await reader.subscribe(stream, token)
+        assert reader.position(stream) is None, "no subscription: nothing delivered"
+        await reader.subscribe(stream, "now")
+        with pytest.raises(TokenError, match=match):
+            await reader.wait_for(stream, token, timeout=5)
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
+def _interleaved(conn: Conn) -> None:
+    """Streams ``a`` and ``b`` written by the same transactions, so that their
+    rows share ticks and interleave in seq order."""
+    admin.create_stream(conn, "a")
+    admin.create_stream(conn, "b")
+    for i in range(3):
+        with conn.transaction():
+            pgfeed.append(conn, "a", {"id": f"a{i}.0"})
+            pgfeed.append(conn, "b", {"id": f"b{i}"})
+            pgfeed.append(conn, "a", {"id": f"a{i}.1"})
+        take_tick(conn)
+
+
+async def test_a_made_up_partial_token_is_refused_instead_of_skipping_the_rest_of_its_tick(
+    pgfeed_dsn: str, pgfeed_conn: Conn
+) -> None:
+    _interleaved(pgfeed_conn)
+    rows = await _read(pgfeed_dsn, "a", "earliest")
+    tick = rows[0].position.tick
+    message = await _refused(pgfeed_dsn, "a", f"{tick}.999999999", "names no row of stream 'a'")
+    assert f"resume from {tick - 1} to read tick {tick} whole" in message
+    # A partial token pgfeed printed, bare (as 0.2.dev saved them), names a row: accepted.
+    assert await _read(pgfeed_dsn, "a", str(rows[0].position)) == rows[1:]
+
+
+async def test_a_token_of_another_stream_is_refused_checked_or_partial(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    _interleaved(pgfeed_conn)
+    a = await _read(pgfeed_dsn, "a", "earliest")
+    b = await _read(pgfeed_dsn, "b", "earliest")
+    # b's first row sits between a's first two in seq order: read as a cut
+    # on a, its token would skip a's first row.
+    assert a[0].seq < b[0].seq < a[1].seq
+    await _refused(pgfeed_dsn, "a", b[0].token, "does not belong to stream 'a' on this database")
+    await _refused(pgfeed_dsn, "a", str(b[0].position), "names no row of stream 'a'")
+    # Complete: b's check of the same tick is not a's.
+    complete = PositionToken(pgfeed.Position(b[-1].position.tick), b[-1].check)
+    await _refused(pgfeed_dsn, "a", str(complete), "does not belong")
+
+
+async def test_a_token_of_a_dropped_and_recreated_stream_of_the_same_name_is_refused(
+    pgfeed_dsn: str, pgfeed_conn: Conn
+) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    pgfeed.append_many(pgfeed_conn, "orders", [{"id": i} for i in range(3)])
+    old = await _read(pgfeed_dsn, "orders", "earliest")
+    admin.drop_stream(pgfeed_conn, "orders")
+    admin.create_stream(pgfeed_conn, "orders")
+    pgfeed.append(pgfeed_conn, "orders", {"id": "new"})
+    message = await _refused(pgfeed_dsn, "orders", old[0].token, "does not belong to stream 'orders'")
+    assert "an earlier incarnation of this one" in message
+    assert "resume from 'earliest' or from a token of this stream" in message
+    # The same position, bare: older than the incarnation, so a reset to its start (as before).
+    resets: list[str] = []
+    async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        reader.on_reset(lambda s, reason: resets.append(reason))
+        sub = await reader.subscribe("orders", str(old[0].position), until="now")
+        got = [r.payload["id"] async for b in sub for r in b.rows]
+    assert got == ["new"]
+    assert resets == [OLDER_INCARNATION]
+
+
+async def test_a_hand_altered_check_and_a_malformed_suffix_are_refused(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: Conn
+) -> None:
+    pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(3)])
+    rows = await _read(pgfeed_dsn, stream, "earliest")
+    token = rows[0].token
+    altered = token[:-1] + ("0" if token[-1] != "0" else "1")
+    await _refused(pgfeed_dsn, stream, altered, "does not belong to stream 'orders'")
+    for malformed in (token + "0", token[:-1], token.replace("~", "~~"), token.upper(), token + "~abcdef"):
+        await _refused(pgfeed_dsn, stream, malformed, "malformed position token.*expected TICK, TICK.SEQ, TICK~CHECK")
+
+
+async def test_checked_tokens_resume_exactly_and_a_bare_complete_token_still_works(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: Conn
+) -> None:
+    with pgfeed_conn.transaction():
+        pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(7)])
+    take_tick(pgfeed_conn)
+    pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(7, 10)])
+    async with pgfeed.AsyncReader(pgfeed_dsn, batch_size=3) as reader:
+        sub = await reader.subscribe(stream, until="now")
+        batches = [b async for b in sub]
+    rows = [r for b in batches for r in b.rows]
+    assert [r.payload["id"] for r in rows] == list(range(10))
+    # From every batch's token (partial ones inside the 7-row tick included) and every row's.
+    for b in batches:
+        assert "~" in b.token
+        assert await _read(pgfeed_dsn, stream, b.token, batch_size=4) == rows[rows.index(b.rows[-1]) + 1 :]
+    for i, r in enumerate(rows):
+        assert await _read(pgfeed_dsn, stream, r.token) == rows[i + 1 :]
+    # A bare complete token: not verified, still a cut.
+    first_tick = rows[0].position.tick
+    assert await _read(pgfeed_dsn, stream, str(first_tick)) == rows[7:]
+    async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        await reader.on(stream, lambda batch: None, since="earliest")
+        assert await reader.wait_for(stream, rows[-1].token, timeout=10) >= rows[-1].position

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgfeed.core.cursor import check_spec
+from pgfeed.core.cursor import StreamMeta, TickFacts, check_spec, named_token, needs_proof, parse_spec, prove_token
 from pgfeed.core.positions import COMPLETE, Position, PositionToken
 from pgfeed.core.tokens import token_check
+from pgfeed.errors import FutureToken, TokenError
 
 ids = st.integers(0, 2**62)
 positions = st.builds(Position, st.integers(0, 2**62), st.one_of(st.just(COMPLETE), st.integers(0, 2**62)))
@@ -42,3 +44,74 @@ def test_a_bare_token_has_no_check() -> None:
 def test_the_command_line_accepts_every_form_a_reader_does() -> None:
     for text in ("earliest", "now", "x1234", "s10:12:10,11", "41", "41.7", "41~00ff00", "41.7~00ff00"):
         assert check_spec(text) == text
+
+
+# -- proving a token against what the database holds -------------------------
+
+META = StreamMeta(id=7, created_tick=10, floor_tick=12)
+FP = 0x0123456789ABCDE
+
+
+def checked(text: str, meta: StreamMeta = META, fp: int = FP) -> PositionToken:
+    pos = Position.parse(text)
+    return PositionToken(pos, token_check(meta.id, meta.created_tick, fp))
+
+
+def test_a_check_computed_from_the_incarnation_and_the_ticks_fingerprint_is_proven() -> None:
+    for text in ("20", "20.5"):
+        prove_token("s", checked(text), META, TickFacts(exists=True, fp=FP, names_row=True))
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        checked("20", fp=FP + 1),  # another history: the tick's fingerprint differs
+        checked("20", StreamMeta(id=8, created_tick=10)),  # another stream
+        checked("20", StreamMeta(id=7, created_tick=3)),  # another incarnation (an id reused after a restore)
+        PositionToken(Position(20), "abcdef"),  # hand-altered
+    ],
+)
+def test_a_check_that_does_not_match_is_refused_in_one_line(token: PositionToken) -> None:
+    with pytest.raises(TokenError, match=r"does not belong to stream 's' on this database") as refused:
+        prove_token("s", token, META, TickFacts(exists=True, fp=FP, names_row=True))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(TokenError, match="does not belong"):
+        prove_token("s", token, META, TickFacts(exists=True, fp=None, names_row=True))
+
+
+def test_a_partial_token_must_name_a_row_of_the_stream_in_its_tick() -> None:
+    for token in (PositionToken(Position(20, 5)), checked("20.5")):
+        with pytest.raises(TokenError, match=r"names no row of stream 's'.*resume from 19 to read tick 20 whole"):
+            prove_token("s", token, META, TickFacts(exists=True, fp=FP, names_row=False))
+    prove_token("s", PositionToken(Position(20)), META, TickFacts(exists=True, fp=FP, names_row=False))
+
+
+@pytest.mark.parametrize(
+    ("token", "facts"),
+    [
+        (checked("20.5", fp=FP + 1), TickFacts(exists=False)),  # tick pruned: the cursor resets
+        (PositionToken(Position(12, 5)), TickFacts(exists=True, fp=FP)),  # partial at the floor: pruned
+        (PositionToken(Position(14, 5)), TickFacts(exists=True, fp=FP, floor_tick=14)),  # pruned since the meta
+        (PositionToken(Position(8, 5)), TickFacts(exists=True, fp=FP)),  # bare, older than the incarnation
+    ],
+)
+def test_tokens_that_cannot_be_proven_are_left_to_the_cursor_which_resets(
+    token: PositionToken, facts: TickFacts
+) -> None:
+    prove_token("s", token, META, facts)
+
+
+def test_only_tokens_with_a_check_or_a_seq_need_the_database() -> None:
+    assert not needs_proof(PositionToken(Position(20)))
+    assert needs_proof(PositionToken(Position(20, 1)))
+    assert needs_proof(checked("20"))
+
+
+def test_named_token_parses_once_and_refuses_the_future() -> None:
+    assert named_token("earliest", 30, "since") is None
+    assert named_token("now", 30, "since") is None
+    assert named_token("20.5~00ff00", 30, "since") == PositionToken(Position(20, 5), "00ff00")
+    assert named_token(Position(20, 5), 30, "since") == PositionToken(Position(20, 5))
+    assert parse_spec(PositionToken(Position(20, 5), "00ff00"), 30, META, "since") == Position(20, 5)
+    with pytest.raises(FutureToken, match="newest tick 30"):
+        named_token("31~00ff00", 30, "since")
