@@ -13,7 +13,16 @@ import psycopg
 
 from pgfeed import store
 from pgfeed.core.backoff import Backoff
-from pgfeed.core.cursor import Interrupted, Spec, StreamMeta, TickFacts, named_token, needs_proof, prove_token
+from pgfeed.core.cursor import (
+    Interrupted,
+    Spec,
+    StreamMeta,
+    TickFacts,
+    named_token,
+    needs_proof,
+    prove_token,
+    saved_position_distrusted,
+)
 from pgfeed.core.positions import Position, PositionToken
 from pgfeed.core.tickcache import TickCache
 from pgfeed.core.tokens import CommitToken, first_covering
@@ -88,6 +97,20 @@ class Resolver:
         current incarnation ``meta`` (or its tick is not in the database)."""
         if needs_proof(named):
             prove_token(stream, named, meta, await self.tick_facts(meta, named.position))
+
+    async def resume(
+        self, stream: str, saved: store.SavedPosition, head: int, meta: StreamMeta
+    ) -> tuple[PositionToken, str | None]:
+        """A consumer's saved position, and why it cannot be trusted (a reset
+        reason, see :func:`~pgfeed.core.cursor.saved_position_distrusted`) or
+        None. :class:`FutureToken` beyond the newest tick ``head`` (a standby
+        that has not replayed it yet)."""
+        named = named_token(saved.token, head, "saved position")
+        assert named is not None
+        if saved.tick_fp is None and not needs_proof(named):
+            return named, None
+        facts = await self.tick_facts(meta, named.position)
+        return named, saved_position_distrusted(named.position, saved.tick_fp, meta, facts)
 
     async def tick_facts(self, meta: StreamMeta, pos: Position) -> TickFacts:
         """What the database holds of ``pos``'s tick for stream incarnation ``meta``."""

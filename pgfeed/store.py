@@ -103,24 +103,34 @@ async def read_live(
     return Live(ticks, head, metas, by_stream, server_xmax)
 
 
-async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:
-    """The token saved by this role for ``consumer`` on ``stream``, if any."""
+class SavedPosition(NamedTuple):
+    """A named consumer's saved position: its token (bare: SQL parses it for
+    pruning and status) and the fingerprint of its tick as the consumer saw
+    it (None: saved before migration 0007, or not known)."""
+
+    token: str
+    tick_fp: int | None = None
+
+
+async def load_position(conn: AConn, consumer: str, stream: str) -> SavedPosition | None:
+    """The position saved by this role for ``consumer`` on ``stream``, if any."""
     cur = await conn.execute(
-        "SELECT token FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
+        "SELECT token, tick_fp FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
         (consumer, stream),
     )
     row = await cur.fetchone()
-    return str(row[0]) if row else None
+    return SavedPosition(str(row[0]), _int(row[1])) if row else None
 
 
-async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, str]]) -> None:
-    """Upsert ``(consumer, stream, token)`` rows for this role, in one transaction."""
+async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, SavedPosition]]) -> None:
+    """Upsert ``(consumer, stream, position)`` rows for this role, in one transaction."""
     async with conn.transaction():
-        for consumer, stream, token in rows:
+        for consumer, stream, saved in rows:
             await conn.execute(
-                "INSERT INTO pgfeed.positions (consumer, stream, token) VALUES (%s, %s, %s)"
-                " ON CONFLICT (owner, consumer, stream) DO UPDATE SET token = excluded.token, updated_at = now()",
-                (consumer, stream, token),
+                "INSERT INTO pgfeed.positions (consumer, stream, token, tick_fp) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (owner, consumer, stream) DO UPDATE"
+                " SET token = excluded.token, tick_fp = excluded.tick_fp, updated_at = now()",
+                (consumer, stream, saved.token, saved.tick_fp),
             )
 
 

@@ -19,7 +19,7 @@ import psycopg
 
 from pgfeed.aio import Signal, stop
 from pgfeed.core.backoff import Backoff
-from pgfeed.core.cursor import Cursor, Interrupted, StreamMeta, newest_named
+from pgfeed.core.cursor import Cursor, Interrupted, Spec, StreamMeta, newest_named
 from pgfeed.core.positions import Position, PositionToken
 from pgfeed.core.tickcache import TickCache
 from pgfeed.errors import PgfeedError, UnknownStream, translate
@@ -29,7 +29,7 @@ from pgfeed.ranges import RangeReader
 from pgfeed.refresher import Refresher
 from pgfeed.resolver import Resolver, Since
 from pgfeed.saver import PositionSaver
-from pgfeed.store import StoredRow
+from pgfeed.store import SavedPosition, StoredRow
 
 log = get_logger("pgfeed.reader")
 
@@ -146,6 +146,16 @@ class Subscription:
         """How far this subscription has delivered (None before it started)."""
         return self.cursor.delivered
 
+    @property
+    def saved(self) -> SavedPosition | None:
+        """What saving a consumer's :attr:`position` writes: its bare token and
+        the fingerprint of its tick as this reader saw it (None if unknown)."""
+        pos = self.cursor.delivered
+        if pos is None:
+            return None
+        tick = self._feed.ticks.get(pos.tick)
+        return SavedPosition(str(pos), tick.fp if tick is not None else None)
+
     def __aiter__(self) -> AsyncIterator[Batch]:
         return self
 
@@ -232,11 +242,10 @@ class Subscription:
 
     async def _resolve_start(self) -> None:
         feed = self._feed
-        if self.consumer is not None:
-            saved = await feed.saver.load(self.consumer, self.stream)
-            if saved is not None:
-                log.info("resuming from the saved position", stream=self.stream, consumer=self.consumer, token=saved)
-                self._since = saved
+        saved = await feed.saver.load(self.consumer, self.stream) if self.consumer is not None else None
+        if saved is not None:
+            log.info("resuming from the saved position", stream=self.stream, consumer=self.consumer, token=saved.token)
+            self._since = saved.token
         head, metas = await feed.refresher.refresh([self.stream])
         meta = metas.get(self.stream)
         if meta is None:
@@ -255,9 +264,14 @@ class Subscription:
         if wanted is not None and (known is None or known.id < wanted):
             head, metas = await feed.refresher.refresh([self.stream])
         head = feed.refresher.head or head
-        start = await feed.resolver.prove(self.stream, since, head.id, meta, "since")
+        start: Spec
+        distrust = None
+        if saved is not None:
+            start, distrust = await feed.resolver.resume(self.stream, saved, head.id, meta)
+        else:
+            start = await feed.resolver.prove(self.stream, since, head.id, meta, "since")
         stop = await feed.resolver.prove(self.stream, until, head.id, meta, "until") if until is not None else None
-        self.cursor.start(start, stop, head.id, meta)
+        self.cursor.start(start, stop, head.id, meta, distrust)
         await feed.listener.ready()
 
     def _reset(self, reason: str) -> None:

@@ -136,26 +136,55 @@ def prove_token(stream: str, token: PositionToken, meta: StreamMeta, facts: Tick
     not refused: the cursor resets instead, as it always did. A bare
     complete token cannot be checked at all."""
     pos = token.position
-    if not facts.exists:
-        return
-    if token.check is not None and (
-        facts.fp is None or token_check(meta.id, meta.created_tick, facts.fp) != token.check
-    ):
+    if _check_differs(token, meta, facts):
         raise TokenError(
             f"position token {str(token)!r} does not belong to stream {stream!r} on this database: it "
             "was taken on another stream, on an earlier incarnation of this one, or on a database whose history "
             "has changed since (failover to a standby that lagged, a restore); resume from 'earliest' or from a "
             "token of this stream"
         )
-    floor = max(meta.floor_tick, facts.floor_tick)
-    if pos.complete or pos.tick < meta.created_tick or pruned_past(pos, replace(meta, floor_tick=floor)):
-        return
-    if not facts.names_row:
+    if _names_no_row(pos, meta, facts):
         raise TokenError(
             f"position token {str(token)!r} names no row of stream {stream!r}: no row with seq "
             f"{pos.seq} became visible in tick {pos.tick}; resume from {pos.tick - 1} to read tick {pos.tick} "
             "whole, or from a token pgfeed printed for this stream"
         )
+
+
+def saved_position_distrusted(pos: Position, saved_fp: int | None, meta: StreamMeta, facts: TickFacts) -> str | None:
+    """Why a consumer's saved position ``pos`` cannot be resumed from (the
+    reset reason), or None. Saved by pgfeed itself, it is never refused (the
+    consumer could never start again): the subscription resets instead,
+    delivering the stream again from its first tick (repeat, never skip).
+    ``saved_fp`` is the fingerprint of tick ``pos.tick`` as the consumer saw
+    it (None: saved before migration 0007, or not known then)."""
+    if facts.exists and saved_fp is not None and facts.fp is not None and facts.fp != saved_fp:
+        return (
+            f"the database's history changed since this consumer saved its position {pos} (tick {pos.tick} is "
+            "not the tick it saw: failover to a standby that lagged, or a restore)"
+        )
+    if _names_no_row(pos, meta, facts):
+        return f"the saved position {pos} names no row of the stream (the database's history changed since?)"
+    return None
+
+
+def _check_differs(token: PositionToken, meta: StreamMeta, facts: TickFacts) -> bool:
+    """``token`` has a check, its tick exists, and the check is not this
+    incarnation's at that tick's fingerprint."""
+    if token.check is None or not facts.exists:
+        return False
+    return facts.fp is None or token_check(meta.id, meta.created_tick, facts.fp) != token.check
+
+
+def _names_no_row(pos: Position, meta: StreamMeta, facts: TickFacts) -> bool:
+    """``pos`` is partial and no row of the stream has its seq in its tick;
+    not asked of a position the cursor resets from anyway (its tick pruned,
+    or older than the incarnation)."""
+    if pos.complete or not facts.exists or pos.tick < meta.created_tick:
+        return False
+    if pruned_past(pos, replace(meta, floor_tick=max(meta.floor_tick, facts.floor_tick))):
+        return False
+    return not facts.names_row
 
 
 def check_spec(text: str) -> str:
@@ -209,12 +238,16 @@ class Cursor:
         self._idle_target: Position | None = None  # an empty read's end, once the queue is taken
 
     # -- where it starts -------------------------------------------------
-    def start(self, since: Spec, until: Spec | None, head: int, meta: StreamMeta) -> None:
+    def start(self, since: Spec, until: Spec | None, head: int, meta: StreamMeta, distrust: str | None = None) -> None:
         """Start at ``since`` (a reset when it predates the stream's
-        incarnation or its retained rows) and stop at ``until``."""
+        incarnation or its retained rows, or with reason ``distrust`` when
+        the caller cannot trust it) and stop at ``until``."""
         self.meta = meta
         start = parse_spec(since, head, meta, "since")
-        if start.tick < meta.created_tick:
+        if distrust is not None:
+            self.pending_reset = distrust
+            start = Position(meta.first_tick)
+        elif start.tick < meta.created_tick:
             self.pending_reset = OLDER_INCARNATION
             start = Position(meta.first_tick)
         elif pruned_past(start, meta):

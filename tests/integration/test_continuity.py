@@ -208,3 +208,62 @@ async def test_checked_tokens_resume_exactly_and_a_bare_complete_token_still_wor
     async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
         await reader.on(stream, lambda batch: None, since="earliest")
         assert await reader.wait_for(stream, rows[-1].token, timeout=10) >= rows[-1].position
+
+
+# -- saved consumer positions carry their tick's fingerprint ------------------
+
+
+def _saved(conn: Conn, consumer: str) -> tuple[str, int | None, int | None]:
+    """(token, tick_fp, the fingerprint of that tick now) of a saved position."""
+    row = conn.execute(
+        "SELECT p.token, p.tick_fp, t.fp FROM pgfeed.positions p"
+        " LEFT JOIN pgfeed.ticks t ON t.id = split_part(p.token, '.', 1)::bigint WHERE p.consumer = %s",
+        (consumer,),
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), row[1], row[2]
+
+
+async def _consume(dsn: str, stream: str, consumer: str, resets: list[str]) -> list[Any]:
+    """Every row up to now as ``consumer`` (its position saved on close)."""
+    async with pgfeed.AsyncReader(dsn, batch_size=2) as reader:
+        reader.on_reset(lambda s, reason: resets.append(reason))
+        sub = await reader.subscribe(stream, consumer=consumer, until="now")
+        return [r.payload["id"] async for b in sub for r in b.rows]
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "resumed", "reset"),
+    [
+        # Nothing happened: exactly the rest.
+        (None, [4, 5], None),
+        # Saved on a history the database no longer has (a failover to a standby
+        # that lagged: its tick with that id is another): repeat, never skip.
+        (
+            "UPDATE pgfeed.positions SET tick_fp = tick_fp # 1",
+            [0, 1, 2, 3, 4, 5],
+            "the database's history changed since this consumer saved its position",
+        ),
+        # Saved by pgfeed 0.2.dev (or where the reader did not know the fingerprint): unverified.
+        ("UPDATE pgfeed.positions SET tick_fp = NULL", [4, 5], None),
+    ],
+)
+async def test_a_consumer_position_is_saved_with_its_ticks_fingerprint_and_checked_when_resumed(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: Conn, meanwhile: str | None, resumed: list[int], reset: str | None
+) -> None:
+    pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(4)])
+    resets: list[str] = []
+    assert await _consume(pgfeed_dsn, stream, "billing", resets) == [0, 1, 2, 3]
+    token, saved_fp, fp = _saved(pgfeed_conn, "billing")
+    assert "~" not in token, "saved bare: SQL parses it (prune, status)"
+    assert saved_fp is not None
+    assert saved_fp == fp
+    if meanwhile is not None:
+        pgfeed_conn.execute(meanwhile)
+    pgfeed.append_many(pgfeed_conn, stream, [{"id": i} for i in range(4, 6)])
+    assert await _consume(pgfeed_dsn, stream, "billing", resets) == resumed
+    assert len(resets) == (reset is not None)
+    if reset is not None:
+        assert reset in resets[0]
+    _, saved_fp, fp = _saved(pgfeed_conn, "billing")
+    assert saved_fp == fp, "saved again, on this history"

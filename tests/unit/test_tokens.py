@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgfeed.core.cursor import StreamMeta, TickFacts, check_spec, named_token, needs_proof, parse_spec, prove_token
+from pgfeed.core.cursor import (
+    Cursor,
+    StreamMeta,
+    TickFacts,
+    check_spec,
+    named_token,
+    needs_proof,
+    parse_spec,
+    prove_token,
+    saved_position_distrusted,
+)
 from pgfeed.core.positions import COMPLETE, Position, PositionToken
 from pgfeed.core.tokens import token_check
 from pgfeed.errors import FutureToken, TokenError
@@ -115,3 +126,22 @@ def test_named_token_parses_once_and_refuses_the_future() -> None:
     assert parse_spec(PositionToken(Position(20, 5), "00ff00"), 30, META, "since") == Position(20, 5)
     with pytest.raises(FutureToken, match="newest tick 30"):
         named_token("31~00ff00", 30, "since")
+
+
+def test_a_saved_position_is_never_refused_it_resets_when_its_tick_is_another() -> None:
+    facts = TickFacts(exists=True, fp=FP, names_row=True)
+    assert saved_position_distrusted(Position(20), FP, META, facts) is None
+    assert saved_position_distrusted(Position(20), None, META, facts) is None, "saved before 0007: unverified"
+    changed = saved_position_distrusted(Position(20, 5), FP + 1, META, facts)
+    assert changed is not None
+    assert changed.startswith("the database's history changed since this consumer saved its position 20.5")
+    no_row = saved_position_distrusted(Position(20, 5), None, META, replace(facts, names_row=False))
+    assert no_row is not None
+    assert "names no row" in no_row
+    assert saved_position_distrusted(Position(20), FP + 1, META, TickFacts(exists=False)) is None, "pruned"
+
+
+def test_a_distrusted_start_resets_to_the_streams_first_tick() -> None:
+    cursor = Cursor("s")
+    cursor.start(PositionToken(Position(20, 5)), None, 30, META, distrust="history changed")
+    assert (cursor.fetch, cursor.delivered, cursor.pending_reset) == (Position(12), Position(12), "history changed")
