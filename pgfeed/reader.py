@@ -46,7 +46,7 @@ from pgfeed.connect import aconnect, resolve, with_keepalives
 from pgfeed.core.cursor import PRUNED, Cursor
 from pgfeed.core.invalidation import CACHES_STREAM
 from pgfeed.core.names import check_stream_name
-from pgfeed.core.positions import Position
+from pgfeed.core.positions import Position, PositionToken
 from pgfeed.core.tickcache import TickCache
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
@@ -156,6 +156,7 @@ class AsyncReader:
             self._resolver,
             self._listener,
             self._saver,
+            ticks,
             self._delivered,
             self._fire_reset,
             self._subscriptions.discard,
@@ -293,6 +294,15 @@ class AsyncReader:
         ignoring ``since``: after a crash, up to ``save_interval`` of rows are
         delivered again (at-least-once across restarts; make handlers
         idempotent or keep your own token in your own transaction).
+
+        A position token is verified against the database first: one with a
+        check (``row.token``, ``batch.token``) must belong to this stream's
+        current incarnation and this database's history, and a partial one
+        (``n.seq``) must name a row of the stream in tick ``n``; otherwise
+        :class:`TokenError`, before anything is delivered. A bare token
+        (``"41"``) is not verified against history. A token whose tick was
+        pruned, or a bare one older than the stream's incarnation, resets
+        instead (``on_reset``, ``batch.reset``).
         Raises :class:`UnknownStream`, :class:`TokenError` or
         :class:`FutureToken` at once.
         """
@@ -402,12 +412,16 @@ class AsyncReader:
         ``token`` is a position token (``row.token``, ``"41"``) or a commit
         token from :func:`pgfeed.commit_token` (``"x1234"``, ``"s..."``), which
         is resolved to the first tick covering that commit. Event-driven; no
-        query at all when the token is already covered. Refuses at once a
-        token beyond anything the database has issued (:class:`FutureToken`)
-        and a stream this process does not follow; rides out lost connections
-        and server restarts; raises :class:`WaitTimeout` after ``timeout``
-        seconds, and :class:`HandlerFailed` when an :meth:`on` handler of the
-        stream stopped before ``token`` (it will never be delivered here).
+        query at all when a commit token is already covered. A position token
+        given as text is verified as ``since=`` is (one query when it carries
+        a seq, or a check of a tick this reader has not cached): one of another
+        stream or history, or naming no row, raises :class:`TokenError`.
+        Refuses at once a token beyond anything the database has issued
+        (:class:`FutureToken`) and a stream this process does not follow;
+        rides out lost connections and server restarts; raises
+        :class:`WaitTimeout` after ``timeout`` seconds, and
+        :class:`HandlerFailed` when an :meth:`on` handler of the stream
+        stopped before ``token`` (it will never be delivered here).
         Raises only :class:`PgfeedError` subclasses.
         """
         self._require_open()
@@ -416,13 +430,19 @@ class AsyncReader:
         commit = token if isinstance(token, CommitToken) else None
         if isinstance(token, str):
             commit = CommitToken.parse(token)
-        target = None if commit is not None else (token if isinstance(token, Position) else Position.parse(str(token)))
+        named = None
+        if commit is None:
+            named = PositionToken(token) if isinstance(token, Position) else PositionToken.parse(str(token))
+        target = named.position if named is not None else None
         if not any(s.stream == stream for s in self._subscriptions) and self._handlers.failure(stream, None) is None:
             raise UsageError(f"this reader does not follow stream {stream!r}: subscribe to it before waiting")
         try:
             async with asyncio.timeout(timeout):
                 if commit is not None:
                     target = await self._resolver.commit(commit)
+                meta = self._refresher.metas.get(stream)
+                if isinstance(token, str) and named is not None and meta is not None:
+                    await self._resolver.check(stream, named, meta)
                 assert target is not None
                 current = self.position(stream)
                 if current is not None and current >= target:

@@ -1,5 +1,5 @@
 """How a reader learns the newest tick: one read-only round trip
-(``pgfeed.read_live_v2``) whenever it is woken (a NOTIFY on the ticks
+(``pgfeed.read_live_v3``) whenever it is woken (a NOTIFY on the ticks
 channel, a subscription that needs a fresh tick) and at least every
 ``poll_interval`` (every 0.2 s while the listener is down): the notifications
 are only hints, the poll covers any that were lost.
@@ -143,17 +143,18 @@ class Refresher:
         return head, live.metas
 
     def _check_history(self, ticks: list[Tick], head: Tick, known: Tick | None) -> None:
-        """Ticks are immutable: one we saw with another snapshot, or a head
-        behind the one this read started from, means the database is not the
-        one we were reading (a lagging standby promoted, a restore). Never
-        skip: reset loudly. (Concurrent reads may finish out of order: each is
-        compared with its own starting point, not with the newest head.)"""
+        """Ticks are immutable: one we saw as another tick (snapshot, seq
+        bounds or fingerprint), or a head behind the one this read started
+        from, means the database is not the one we were reading (a lagging
+        standby promoted, a restore). Never skip: reset loudly. (Concurrent
+        reads may finish out of order: each is compared with its own
+        starting point, not with the newest head.)"""
         reason = None
         if known is not None and head.id < known.id:
             reason = f"the newest tick went back from {known.id} to {head.id}"
         changed = self._ticks.changed(ticks)
         if changed is not None:
-            reason = f"tick {changed.id} now has another snapshot"
+            reason = f"tick {changed.id} is not the tick this reader saw"
         if reason is None:
             return
         reason = f"the database's history changed ({reason}): failover to a standby that lagged, or a restore"

@@ -13,8 +13,17 @@ import psycopg
 
 from pgfeed import store
 from pgfeed.core.backoff import Backoff
-from pgfeed.core.cursor import Interrupted
-from pgfeed.core.positions import Position
+from pgfeed.core.cursor import (
+    Interrupted,
+    Spec,
+    StreamMeta,
+    TickFacts,
+    named_token,
+    needs_proof,
+    prove_token,
+    saved_position_distrusted,
+)
+from pgfeed.core.positions import Position, PositionToken
 from pgfeed.core.tickcache import TickCache
 from pgfeed.core.tokens import CommitToken, first_covering
 from pgfeed.errors import PgfeedError, one_line, translate
@@ -69,6 +78,46 @@ class Resolver:
                 return Position(tick_id)
             # The ticker has yet to take the covering tick; its NOTIFY wakes us.
             await self._refresher.wait_tick_after(head.id if head is not None else -1)
+
+    async def prove(self, stream: str, spec: Spec, head: int, meta: StreamMeta, what: str) -> Spec:
+        """``spec`` as a parsed position token once proven to name a point of
+        ``stream``'s current incarnation ``meta`` in this database's history
+        (:func:`~pgfeed.core.cursor.prove_token`: :class:`TokenError` if not,
+        :class:`FutureToken` beyond the newest tick ``head``); ``"earliest"``
+        and ``"now"`` unchanged. One query for a token with a check or a seq,
+        none when it is complete and its tick's fingerprint is cached."""
+        named = named_token(spec, head, what)
+        if named is None:
+            return spec
+        await self.check(stream, named, meta)
+        return named
+
+    async def check(self, stream: str, named: PositionToken, meta: StreamMeta) -> None:
+        """:class:`TokenError` unless ``named`` names a point of ``stream``'s
+        current incarnation ``meta`` (or its tick is not in the database)."""
+        if needs_proof(named):
+            prove_token(stream, named, meta, await self.tick_facts(meta, named.position))
+
+    async def resume(
+        self, stream: str, saved: store.SavedPosition, head: int, meta: StreamMeta
+    ) -> tuple[PositionToken, str | None]:
+        """A consumer's saved position, and why it cannot be trusted (a reset
+        reason, see :func:`~pgfeed.core.cursor.saved_position_distrusted`) or
+        None. :class:`FutureToken` beyond the newest tick ``head`` (a standby
+        that has not replayed it yet)."""
+        named = named_token(saved.token, head, "saved position")
+        assert named is not None
+        if saved.tick_fp is None and not needs_proof(named):
+            return named, None
+        facts = await self.tick_facts(meta, named.position)
+        return named, saved_position_distrusted(named.position, saved.tick_fp, meta, facts)
+
+    async def tick_facts(self, meta: StreamMeta, pos: Position) -> TickFacts:
+        """What the database holds of ``pos``'s tick for stream incarnation ``meta``."""
+        cached = self._ticks.get(pos.tick)
+        if pos.complete and cached is not None and cached.fp is not None:
+            return TickFacts(exists=True, fp=cached.fp, floor_tick=meta.floor_tick)
+        return await self.retrying(lambda conn: store.tick_facts(conn, meta.id, pos), "checking a position token")
 
     async def newest_tick_id(self) -> int:
         """The newest tick's id, read from the database."""

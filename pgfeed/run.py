@@ -152,6 +152,7 @@ async def run_consumer(
         conninfo, application_name=make_application_name("reader", [options.stream], options.consumer)
     )
     stats = RunStats()
+    saved: store.SavedPosition | None = None  # stats.position, as a save writes it
     try:
         async with AsyncReader(named, batch_size=options.batch_size, save_interval=options.save_interval) as reader:
             sub = await reader.subscribe(options.stream, options.since, consumer=options.consumer)
@@ -168,12 +169,12 @@ async def run_consumer(
                     beats.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beats
-                stats.position = sub.position
+                stats.position, saved = sub.position, sub.saved
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        if stats.position is not None:
-            await _save_final(named, options, stats.position)
+        if saved is not None:
+            await _save_final(named, options, saved)
     log.info("consumer stopped", batches=stats.batches, rows=stats.rows, position=str(stats.position))
     return stats
 
@@ -252,7 +253,7 @@ async def _handle(
                 return False
 
 
-async def _save_final(conninfo: str, options: RunOptions, position: Position) -> None:
+async def _save_final(conninfo: str, options: RunOptions, position: store.SavedPosition) -> None:
     """Save the delivered position once more after the reader closed.
 
     The reader saves on close too, but a close that races its periodic save
@@ -261,12 +262,12 @@ async def _save_final(conninfo: str, options: RunOptions, position: Position) ->
     row now (one process per consumer name)."""
     try:
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
-            await store.save_positions(conn, [(options.consumer, options.stream, str(position))])
+            await store.save_positions(conn, [(options.consumer, options.stream, position)])
     except (psycopg.Error, OSError) as exc:
         log.warning(
             "could not save the final position; the rows after the last save come again",
             consumer=options.consumer,
-            position=str(position),
+            position=position.token,
             error=_one_line(exc),
         )
 

@@ -1,7 +1,12 @@
 """Named consumers' positions: loaded when a subscription starts, saved in
 ``pgfeed.positions`` (per role) every ``save_interval`` and when the reader
 closes. After a crash, up to ``save_interval`` of rows are delivered again
-(at-least-once across restarts)."""
+(at-least-once across restarts).
+
+A position is saved as a bare token (SQL parses it: retention, status) with
+the fingerprint of its tick as the reader saw it (``tick_fp``): a consumer
+resumed on a database whose tick has another fingerprint resets instead of
+skipping (see :func:`pgfeed.core.cursor.saved_position_distrusted`)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from typing import Protocol
 import psycopg
 
 from pgfeed import store
-from pgfeed.core.positions import Position
 from pgfeed.errors import PgfeedError, translate
 from pgfeed.log import get_logger
 from pgfeed.ticker import Borrow
@@ -29,7 +33,7 @@ class Consumer(Protocol):
     def stream(self) -> str: ...
 
     @property
-    def position(self) -> Position | None: ...
+    def saved(self) -> store.SavedPosition | None: ...
 
 
 class PositionSaver:
@@ -45,8 +49,8 @@ class PositionSaver:
         if sub.consumer is not None:
             self._unsaved.add(sub)
 
-    async def load(self, consumer: str, stream: str) -> str | None:
-        """The token this role saved for ``consumer`` on ``stream``, if any."""
+    async def load(self, consumer: str, stream: str) -> store.SavedPosition | None:
+        """The position this role saved for ``consumer`` on ``stream``, if any."""
         try:
             async with self._borrow() as conn:
                 return await store.load_position(conn, consumer, stream)
@@ -58,7 +62,7 @@ class PositionSaver:
         if not self._unsaved:
             return
         batch, self._unsaved = self._unsaved, set()
-        rows = [(s.consumer, s.stream, str(s.position)) for s in batch if s.consumer and s.position is not None]
+        rows = [(s.consumer, s.stream, saved) for s in batch if s.consumer and (saved := s.saved) is not None]
         try:
             async with self._borrow() as conn:
                 await store.save_positions(conn, rows)

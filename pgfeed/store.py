@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from pgfeed.core.cursor import StreamMeta
-from pgfeed.core.positions import Snapshot, Tick
+from pgfeed.core.cursor import StreamMeta, TickFacts
+from pgfeed.core.positions import Position, Snapshot, Tick
 from pgfeed.core.tickcache import Prefetched
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import FutureToken
@@ -29,7 +29,7 @@ class StoredRow(NamedTuple):
 
 AConn = psycopg.AsyncConnection[Any]
 
-_TICKS = "SELECT id, snap::text, seq_lo, seq_hi FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
+_TICKS = "SELECT id, snap::text, seq_lo, seq_hi, fp FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
 
 # One round trip: the stream's floor and the interval's rows in seq order
 # (pgfeed.interval_rows_v2). The floor is read in the same snapshot as the
@@ -43,11 +43,15 @@ SELECT r.*, f.floor_tick
 """
 
 
-def _tick(i: Any, snap: str, lo: Any, hi: Any) -> Tick:
-    return Tick(int(i), Snapshot.parse(snap), None if lo is None else int(lo), None if hi is None else int(hi))
+def _tick(i: Any, snap: str, lo: Any, hi: Any, fp: Any) -> Tick:
+    return Tick(int(i), Snapshot.parse(snap), _int(lo), _int(hi), _int(fp))
 
 
-_READ_LIVE = "SELECT * FROM pgfeed.read_live_v2(%s, %s::text[], %s::bigint[], %s::integer)"
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+_READ_LIVE = "SELECT * FROM pgfeed.read_live_v3(%s, %s::text[], %s::bigint[], %s::integer)"
 
 
 #: ``known`` for a reader that has no head yet: no tick list, just the head.
@@ -81,42 +85,52 @@ async def read_live(
     metas: dict[str, StreamMeta] = {}
     prefetched: dict[str, tuple[list[StoredRow], int]] = {}
     server_xmax = 0
-    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon in found:
+    for tick_id, snap, meta_json, name, x, s, c, k, p, floor, lo, hi, horizon, fp in found:
         if name is not None:
             rows, _ = prefetched.setdefault(name, ([], int(floor)))
             if x is not None:
                 rows.append(StoredRow(x, s, c, k, p))
         elif meta_json is not None:
             if tick_id is not None:
-                head = _tick(tick_id, snap, lo, hi)
+                head = _tick(tick_id, snap, lo, hi, fp)
             server_xmax = int(horizon)
             metas = {
                 n: StreamMeta(int(v[0]), int(v[1]), int(v[2]), str(v[3])) for n, v in json.loads(meta_json).items()
             }
         else:
-            ticks.append(_tick(tick_id, snap, lo, hi))
+            ticks.append(_tick(tick_id, snap, lo, hi, fp))
     by_stream = {name: Prefetched(rows, floor) for name, (rows, floor) in prefetched.items()}
     return Live(ticks, head, metas, by_stream, server_xmax)
 
 
-async def load_position(conn: AConn, consumer: str, stream: str) -> str | None:
-    """The token saved by this role for ``consumer`` on ``stream``, if any."""
+class SavedPosition(NamedTuple):
+    """A named consumer's saved position: its token (bare: SQL parses it for
+    pruning and status) and the fingerprint of its tick as the consumer saw
+    it (None: saved before migration 0007, or not known)."""
+
+    token: str
+    tick_fp: int | None = None
+
+
+async def load_position(conn: AConn, consumer: str, stream: str) -> SavedPosition | None:
+    """The position saved by this role for ``consumer`` on ``stream``, if any."""
     cur = await conn.execute(
-        "SELECT token FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
+        "SELECT token, tick_fp FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
         (consumer, stream),
     )
     row = await cur.fetchone()
-    return str(row[0]) if row else None
+    return SavedPosition(str(row[0]), _int(row[1])) if row else None
 
 
-async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, str]]) -> None:
-    """Upsert ``(consumer, stream, token)`` rows for this role, in one transaction."""
+async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, SavedPosition]]) -> None:
+    """Upsert ``(consumer, stream, position)`` rows for this role, in one transaction."""
     async with conn.transaction():
-        for consumer, stream, token in rows:
+        for consumer, stream, saved in rows:
             await conn.execute(
-                "INSERT INTO pgfeed.positions (consumer, stream, token) VALUES (%s, %s, %s)"
-                " ON CONFLICT (owner, consumer, stream) DO UPDATE SET token = excluded.token, updated_at = now()",
-                (consumer, stream, token),
+                "INSERT INTO pgfeed.positions (consumer, stream, token, tick_fp) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (owner, consumer, stream) DO UPDATE"
+                " SET token = excluded.token, tick_fp = excluded.tick_fp, updated_at = now()",
+                (consumer, stream, saved.token, saved.tick_fp),
             )
 
 
@@ -147,6 +161,31 @@ async def snapshot_token(conn: AConn) -> CommitToken:
     token = CommitToken.parse(str(row[0])) if row else None
     assert token is not None
     return token
+
+
+# What a position token's tick is, in one snapshot: its fingerprint, and for
+# a partial token whether the stream has a row with that seq in the tick's
+# interval (visible in tick n, not in tick n - 1), with the stream's floor.
+_TICK_FACTS = """
+SELECT t.id IS NOT NULL, t.fp,
+       %(seq)s::bigint IS NOT NULL AND EXISTS (
+           SELECT FROM pgfeed.events e JOIN pgfeed.ticks a ON a.id = t.id - 1
+            WHERE e.stream_id = %(sid)s AND e.seq = %(seq)s
+              AND pg_visible_in_snapshot(e.xid, t.snap) AND NOT pg_visible_in_snapshot(e.xid, a.snap)),
+       (SELECT s.floor_tick FROM pgfeed.streams s WHERE s.id = %(sid)s)
+  FROM (VALUES (1)) one LEFT JOIN pgfeed.ticks t ON t.id = %(tick)s
+"""
+
+
+async def tick_facts(conn: AConn, stream_id: int, pos: Position) -> TickFacts:
+    """What the database holds of tick ``pos.tick`` for a token of stream
+    ``stream_id`` at ``pos`` (see :func:`pgfeed.core.cursor.prove_token`)."""
+    seq = None if pos.complete else pos.seq
+    cur = await conn.execute(_TICK_FACTS, {"sid": stream_id, "seq": seq, "tick": pos.tick})
+    row = await cur.fetchone()
+    assert row is not None
+    exists, fp, names_row, floor = row
+    return TickFacts(bool(exists), _int(fp), bool(names_row), _int(floor) or 0)
 
 
 async def fetch_ticks(conn: AConn, first: int, last: int) -> list[Tick]:

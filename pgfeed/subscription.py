@@ -19,8 +19,9 @@ import psycopg
 
 from pgfeed.aio import Signal, stop
 from pgfeed.core.backoff import Backoff
-from pgfeed.core.cursor import Cursor, Interrupted, newest_named
-from pgfeed.core.positions import Position
+from pgfeed.core.cursor import Cursor, Interrupted, Spec, StreamMeta, newest_named
+from pgfeed.core.positions import Position, PositionToken
+from pgfeed.core.tickcache import TickCache
 from pgfeed.errors import PgfeedError, UnknownStream, translate
 from pgfeed.listener import Listener
 from pgfeed.log import get_logger
@@ -28,6 +29,7 @@ from pgfeed.ranges import RangeReader
 from pgfeed.refresher import Refresher
 from pgfeed.resolver import Resolver, Since
 from pgfeed.saver import PositionSaver
+from pgfeed.store import SavedPosition, StoredRow
 
 log = get_logger("pgfeed.reader")
 
@@ -45,11 +47,16 @@ class Row(NamedTuple):
     created_at: datetime
     xid: int
     seq: int
+    #: The check of :attr:`token` (see :class:`~pgfeed.core.positions.PositionToken`);
+    #: None when the reader did not know its tick's fingerprint.
+    check: str | None = None
 
     @property
     def token(self) -> str:
-        """The position token after this row; resume with ``since=token``."""
-        return str(self.position)
+        """The position token after this row (``TICK.SEQ~CHECK``); resume
+        with ``since=token``. Its check lets a reader refuse it on another
+        stream or another history."""
+        return str(PositionToken(self.position, self.check))
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,14 @@ class Batch:
     rows: list[Row]
     position: Position
     reset: bool = False
+    #: The check of :attr:`token`; None when the reader did not know its tick's fingerprint.
+    check: str | None = None
+
+    @property
+    def token(self) -> str:
+        """The token of :attr:`position` with its check (``TICK[.SEQ]~CHECK``):
+        what to save to resume after this batch with ``since=token``."""
+        return str(PositionToken(self.position, self.check))
 
     def __iter__(self) -> Any:
         return iter(self.rows)
@@ -82,6 +97,8 @@ class Feed:
     resolver: Resolver
     listener: Listener
     saver: PositionSaver
+    #: The ticks the reader knows, with their fingerprints (for tokens' checks).
+    ticks: TickCache[StoredRow]
     #: Fired whenever a subscription's delivered position moves (or it stops).
     delivered: Signal
     #: ``on_reset(stream, reason)`` before a reset batch is queued.
@@ -128,6 +145,16 @@ class Subscription:
     def position(self) -> Position | None:
         """How far this subscription has delivered (None before it started)."""
         return self.cursor.delivered
+
+    @property
+    def saved(self) -> SavedPosition | None:
+        """What saving a consumer's :attr:`position` writes: its bare token and
+        the fingerprint of its tick as this reader saw it (None if unknown)."""
+        pos = self.cursor.delivered
+        if pos is None:
+            return None
+        tick = self._feed.ticks.get(pos.tick)
+        return SavedPosition(str(pos), tick.fp if tick is not None else None)
 
     def __aiter__(self) -> AsyncIterator[Batch]:
         return self
@@ -215,11 +242,10 @@ class Subscription:
 
     async def _resolve_start(self) -> None:
         feed = self._feed
-        if self.consumer is not None:
-            saved = await feed.saver.load(self.consumer, self.stream)
-            if saved is not None:
-                log.info("resuming from the saved position", stream=self.stream, consumer=self.consumer, token=saved)
-                self._since = saved
+        saved = await feed.saver.load(self.consumer, self.stream) if self.consumer is not None else None
+        if saved is not None:
+            log.info("resuming from the saved position", stream=self.stream, consumer=self.consumer, token=saved.token)
+            self._since = saved.token
         head, metas = await feed.refresher.refresh([self.stream])
         meta = metas.get(self.stream)
         if meta is None:
@@ -238,7 +264,14 @@ class Subscription:
         if wanted is not None and (known is None or known.id < wanted):
             head, metas = await feed.refresher.refresh([self.stream])
         head = feed.refresher.head or head
-        self.cursor.start(since, until, head.id, meta)
+        start: Spec
+        distrust = None
+        if saved is not None:
+            start, distrust = await feed.resolver.resume(self.stream, saved, head.id, meta)
+        else:
+            start = await feed.resolver.prove(self.stream, since, head.id, meta, "since")
+        stop = await feed.resolver.prove(self.stream, until, head.id, meta, "until") if until is not None else None
+        self.cursor.start(start, stop, head.id, meta, distrust)
         await feed.listener.ready()
 
     def _reset(self, reason: str) -> None:
@@ -259,12 +292,13 @@ class Subscription:
             self._queue.get_nowait()
         self.cursor.forget_queued()
 
-    async def _deliver(self, rows: list[Row], end: Position) -> None:
+    async def _deliver(self, rows: list[Row], end: Position, meta: StreamMeta) -> None:
         """Queue a batch (the reset batch first fires ``on_reset``)."""
+        check = self._feed.ticks.check(end.tick, meta.id, meta.created_tick)
         epoch, reason = self.cursor.queue(end)
         if reason is not None:
             await self._feed.on_reset(self.stream, reason)
-        await self._queue.put((epoch, Batch(self.stream, rows, end, reset=reason is not None)))
+        await self._queue.put((epoch, Batch(self.stream, rows, end, reset=reason is not None, check=check)))
 
     async def _pump_once(self) -> bool:
         """One planning step; return True when ``until`` is reached."""
@@ -286,7 +320,7 @@ class Subscription:
             if cursor.pending_reset is not None:
                 # Nothing to read yet (a recreated stream, no tick since): the
                 # consumer must still learn of the break now, not at the next row.
-                await self._deliver([], cursor.fetch)
+                await self._deliver([], cursor.fetch, meta)
             return False
         epoch = cursor.epoch
         try:
@@ -300,7 +334,14 @@ class Subscription:
             await feed.refresher.wait_tick_after(head.id)
             return False
         planned_rows, end = cursor.cut(planned)
-        rows = [Row(self.stream, pos, r.payload, r.key, r.created_at, r.xid, r.seq) for pos, r in planned_rows]
+        # Nothing was awaited since the epoch check: the tick cache still
+        # holds the ticks this read used (a history change clears it and
+        # bumps the epoch). One check per distinct tick.
+        checks = {t: feed.ticks.check(t, meta.id, meta.created_tick) for t in {p.tick for p, _ in planned_rows}}
+        rows = [
+            Row(self.stream, pos, r.payload, r.key, r.created_at, r.xid, r.seq, checks[pos.tick])
+            for pos, r in planned_rows
+        ]
         if cursor.read(end, bool(rows)):
-            await self._deliver(rows, end)
+            await self._deliver(rows, end, meta)
         return False

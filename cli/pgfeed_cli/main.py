@@ -23,6 +23,7 @@ import click
 import psycopg
 
 from pgfeed import admin, connect, migrator, rows
+from pgfeed.core.cursor import check_spec
 from pgfeed.core.durations import parse_duration
 from pgfeed.core.names import (
     STREAM_NAME_RULE,
@@ -32,8 +33,6 @@ from pgfeed.core.names import (
     parse_qualified_table,
     quote_name,
 )
-from pgfeed.core.positions import Position
-from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     InvalidStreamName,
     PermissionDenied,
@@ -227,12 +226,6 @@ def _parse_json(text: str, where: str) -> Any:
         raise BadInput(f"invalid JSON on {where}: nested too deeply") from None
 
 
-def _check_since(text: str) -> str:
-    if text not in ("earliest", "now") and CommitToken.parse(text) is None:
-        Position.parse(text)
-    return text
-
-
 def _parse_ops(text: str) -> list[str]:
     ops = [o.strip().lower() for o in text.split(",")]
     if not set(ops) <= set(admin.CAPTURE_OPS):
@@ -245,7 +238,7 @@ STDIN: Final = object()
 
 DSN = _Parsed("dsn", connect.check_dsn)
 STREAM = _Parsed("stream", check_stream_name)
-SINCE = _Parsed("position", _check_since)
+SINCE = _Parsed("position", check_spec)
 PAYLOAD = _Parsed("json", lambda text: STDIN if text == "-" else _parse_json(text, "the JSON argument"))
 TABLE = _Parsed("table", parse_qualified_table)
 COLUMNS = _Parsed("columns", parse_column_list)

@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
+from pgfeed.core.cursor import check_spec
 from pgfeed.core.durations import parse_duration
 from pgfeed.core.names import check_stream_name
-from pgfeed.core.positions import Position
-from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import UsageError
 from pgfeed.run import HandlerNotFound, RunOptions, load_handler, run_consumer
 
@@ -23,12 +22,6 @@ def _checked(parse: Any) -> Any:
             raise click.BadParameter(str(exc)) from None
 
     return callback
-
-
-def _since(text: str) -> str:
-    if text not in ("earliest", "now") and CommitToken.parse(text) is None:
-        Position.parse(text)
-    return text
 
 
 def _interval(text: str) -> float:
@@ -59,7 +52,7 @@ def _consumer(name: str) -> str:
     "--since",
     default="earliest",
     show_default=True,
-    callback=_checked(_since),
+    callback=_checked(check_spec),
     help="Where to start while the consumer has no saved position: earliest, now, or a token.",
 )
 @click.option(

@@ -22,11 +22,12 @@ asks this module what follows.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from pgfeed.core.positions import Planned, Position, RowLike, Tick, plan_window
+from pgfeed.core.positions import Planned, Position, PositionToken, RowLike, Tick, plan_window
 from pgfeed.core.tickcache import Prefetched
+from pgfeed.core.tokens import CommitToken, token_check
 from pgfeed.errors import FutureToken, TokenError
 
 #: The reset reason when a prune removed rows the position still needs.
@@ -66,23 +67,135 @@ def pruned_past(pos: Position, meta: StreamMeta) -> bool:
     return pos.tick < meta.floor_tick or (not pos.complete and pos.tick <= meta.floor_tick)
 
 
-def parse_spec(spec: str | Position, head: int, meta: StreamMeta, what: str) -> Position:
+#: Where a subscription starts or stops, as given: ``"earliest"``, ``"now"``,
+#: a position token (text, or parsed with its check) or a position.
+Spec = str | Position | PositionToken
+
+
+def named_token(spec: Spec, head: int, what: str) -> PositionToken | None:
+    """The position token ``spec`` names (a :class:`Position` as a bare
+    token), None for ``"earliest"`` and ``"now"``. :class:`TokenError` for
+    anything else, :class:`FutureToken` beyond the newest tick ``head``."""
+    if isinstance(spec, PositionToken):
+        named = spec
+    elif isinstance(spec, Position):
+        named = PositionToken(spec)
+    elif spec in ("earliest", "now"):
+        return None
+    elif isinstance(spec, str):
+        named = PositionToken.parse(spec)
+    else:
+        raise TokenError(f"invalid {what} {spec!r}: expected 'earliest', 'now' or a position token")
+    if named.position.tick > head:
+        raise FutureToken(f"position {named.position} is beyond anything this database has issued (newest tick {head})")
+    return named
+
+
+def parse_spec(spec: Spec, head: int, meta: StreamMeta, what: str) -> Position:
     """``since``/``until`` as a position: ``"earliest"`` (the oldest position
     the stream still holds), ``"now"`` (the newest tick ``head``) or a token.
     :class:`TokenError` for anything else, :class:`FutureToken` beyond ``head``."""
-    if isinstance(spec, Position):
-        pos = spec
-    elif spec == "earliest":
-        return Position(meta.first_tick)
-    elif spec == "now":
-        return Position(head)
-    elif isinstance(spec, str):
-        pos = Position.parse(spec)
-    else:
-        raise TokenError(f"invalid {what} {spec!r}: expected 'earliest', 'now' or a position token")
-    if pos.tick > head:
-        raise FutureToken(f"position {pos} is beyond anything this database has issued (newest tick {head})")
-    return pos
+    named = named_token(spec, head, what)
+    if named is not None:
+        return named.position
+    return Position(meta.first_tick) if spec == "earliest" else Position(head)
+
+
+@dataclass(frozen=True)
+class TickFacts:
+    """What the database holds of the tick a position token names, read in
+    one snapshot (``pgfeed.store.tick_facts``)."""
+
+    #: Tick ``n`` is still in ``pgfeed.ticks`` (not pruned).
+    exists: bool
+    #: Its fingerprint (None: no such tick, or taken before migration 0007).
+    fp: int | None = None
+    #: For a partial token ``n.seq``: the stream has a row with that seq in interval ``n``.
+    names_row: bool = False
+    #: The stream's floor as of that read.
+    floor_tick: int = 0
+
+
+def needs_proof(token: PositionToken) -> bool:
+    """Whether the database must be asked about ``token``: it carries a check,
+    or it names a row (a partial token)."""
+    return token.check is not None or not token.position.complete
+
+
+def prove_token(stream: str, token: PositionToken, meta: StreamMeta, facts: TickFacts) -> None:
+    """Refuse (:class:`TokenError`, one line) a token that does not name a
+    point of this incarnation of ``stream`` in this database's history:
+
+    * its check differs from the one computed from the stream's incarnation
+      and tick ``n``'s fingerprint (another stream, an earlier incarnation,
+      another history: a lagging standby promoted, a restore);
+    * a partial token ``n.seq`` (checked or bare) whose seq is no row of the
+      stream that became visible in tick ``n``.
+
+    A token whose tick is gone (pruned) or that predates the incarnation is
+    not refused: the cursor resets instead, as it always did. A bare
+    complete token cannot be checked at all."""
+    pos = token.position
+    if _check_differs(token, meta, facts):
+        raise TokenError(
+            f"position token {str(token)!r} does not belong to stream {stream!r} on this database: it "
+            "was taken on another stream, on an earlier incarnation of this one, or on a database whose history "
+            "has changed since (failover to a standby that lagged, a restore); resume from 'earliest' or from a "
+            "token of this stream"
+        )
+    if _names_no_row(pos, meta, facts):
+        raise TokenError(
+            f"position token {str(token)!r} names no row of stream {stream!r}: no row with seq "
+            f"{pos.seq} became visible in tick {pos.tick}; resume from {pos.tick - 1} to read tick {pos.tick} "
+            "whole, or from a token pgfeed printed for this stream"
+        )
+
+
+def saved_position_distrusted(pos: Position, saved_fp: int | None, meta: StreamMeta, facts: TickFacts) -> str | None:
+    """Why a consumer's saved position ``pos`` cannot be resumed from (the
+    reset reason), or None. Saved by pgfeed itself, it is never refused (the
+    consumer could never start again): the subscription resets instead,
+    delivering the stream again from its first tick (repeat, never skip).
+    ``saved_fp`` is the fingerprint of tick ``pos.tick`` as the consumer saw
+    it (None: saved before migration 0007, or not known then)."""
+    if facts.exists and saved_fp is not None and facts.fp is not None and facts.fp != saved_fp:
+        return (
+            f"the database's history changed since this consumer saved its position {pos} (tick {pos.tick} is "
+            "not the tick it saw: failover to a standby that lagged, or a restore)"
+        )
+    if _names_no_row(pos, meta, facts):
+        return f"the saved position {pos} names no row of the stream (the database's history changed since?)"
+    return None
+
+
+def _check_differs(token: PositionToken, meta: StreamMeta, facts: TickFacts) -> bool:
+    """``token`` has a check, its tick exists, and the check is not this
+    incarnation's at that tick's fingerprint."""
+    if token.check is None or not facts.exists:
+        return False
+    return facts.fp is None or token_check(meta.id, meta.created_tick, facts.fp) != token.check
+
+
+def _names_no_row(pos: Position, meta: StreamMeta, facts: TickFacts) -> bool:
+    """``pos`` is partial and no row of the stream has its seq in its tick;
+    not asked of a position the cursor resets from anyway (its tick pruned,
+    or older than the incarnation)."""
+    if pos.complete or not facts.exists or pos.tick < meta.created_tick:
+        return False
+    if pruned_past(pos, replace(meta, floor_tick=max(meta.floor_tick, facts.floor_tick))):
+        return False
+    return not facts.names_row
+
+
+def check_spec(text: str) -> str:
+    """``text`` unchanged if it can say where a subscription starts or stops:
+    ``"earliest"``, ``"now"``, a commit token or a position token (with or
+    without its check); else :class:`TokenError` naming the accepted forms.
+    For command-line options, before anything connects (a token's check is
+    verified only by the reader)."""
+    if text not in ("earliest", "now") and CommitToken.parse(text) is None:
+        PositionToken.parse(text)
+    return text
 
 
 def newest_named(*specs: object) -> int | None:
@@ -125,12 +238,16 @@ class Cursor:
         self._idle_target: Position | None = None  # an empty read's end, once the queue is taken
 
     # -- where it starts -------------------------------------------------
-    def start(self, since: str | Position, until: str | Position | None, head: int, meta: StreamMeta) -> None:
+    def start(self, since: Spec, until: Spec | None, head: int, meta: StreamMeta, distrust: str | None = None) -> None:
         """Start at ``since`` (a reset when it predates the stream's
-        incarnation or its retained rows) and stop at ``until``."""
+        incarnation or its retained rows, or with reason ``distrust`` when
+        the caller cannot trust it) and stop at ``until``."""
         self.meta = meta
         start = parse_spec(since, head, meta, "since")
-        if start.tick < meta.created_tick:
+        if distrust is not None:
+            self.pending_reset = distrust
+            start = Position(meta.first_tick)
+        elif start.tick < meta.created_tick:
             self.pending_reset = OLDER_INCARNATION
             start = Position(meta.first_tick)
         elif pruned_past(start, meta):

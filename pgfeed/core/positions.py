@@ -100,12 +100,15 @@ class Snapshot:
 @dataclass(frozen=True)
 class Tick:
     """A numbered snapshot, shared by every reader, with its seq bounds
-    (None on ticks of the previous release)."""
+    (None on ticks of the previous release) and its fingerprint ``fp``
+    (``pgfeed.ticks.fp``: the same id with another fingerprint is another
+    history; None where the reader did not read it)."""
 
     id: int
     snapshot: Snapshot
     seq_lo: int | None = None
     seq_hi: int | None = None
+    fp: int | None = None
 
 
 class Position(NamedTuple):
@@ -128,14 +131,55 @@ class Position(NamedTuple):
 
     @classmethod
     def parse(cls, token: str) -> Position:
-        """Parse a token; raise :class:`TokenError` naming the accepted forms."""
-        parts = token.strip().split(".") if isinstance(token, str) else []
-        if all(p.isdigit() and p.isascii() and len(p) <= 19 for p in parts) and all(int(p) < COMPLETE for p in parts):
+        """Parse a token; raise :class:`TokenError` naming the accepted forms.
+
+        A check (``~CHECK``) is accepted and *not verified* here: it proves
+        which stream and history the token belongs to only where a reader
+        checks it (``subscribe``, ``wait_for``); see :class:`PositionToken`."""
+        return PositionToken.parse(token).position
+
+    def __str__(self) -> str:
+        if self.complete:
+            return str(self.tick)
+        return f"{self.tick}.{self.seq}"
+
+
+#: How many hex digits a position token's check has (``TICK[.SEQ]~CHECK``).
+CHECK_DIGITS = 6
+
+
+class PositionToken(NamedTuple):
+    """A position token as text: the position, and the check pgfeed printed
+    after ``~`` (None for a bare token).
+
+    The check (:func:`pgfeed.core.tokens.token_check`) is a hash of the
+    stream's incarnation and the fingerprint of the position's tick: a reader
+    verifies it against the database, so that a token of another stream,
+    another incarnation or another history is refused instead of read as a
+    cut. A bare token (``41``, ``41.7``) is not verified against history; it
+    stays accepted for hand use and for positions saved by earlier releases.
+    """
+
+    position: Position
+    check: str | None = None
+
+    @classmethod
+    def parse(cls, token: str) -> PositionToken:
+        """Parse ``TICK``, ``TICK.SEQ``, ``TICK~CHECK`` or ``TICK.SEQ~CHECK``;
+        raise :class:`TokenError` (one line) naming the accepted forms."""
+        body, sep, check = token.strip().partition("~") if isinstance(token, str) else ("", "", "")
+        parts = body.split(".")
+        well_formed = all(p.isdigit() and p.isascii() and len(p) <= 19 for p in parts) and all(
+            int(p) < COMPLETE for p in parts
+        )
+        if sep and not (len(check) == CHECK_DIGITS and all(c in "0123456789abcdef" for c in check)):
+            well_formed = False
+        if well_formed:
             if len(parts) == 1:
-                return cls(int(parts[0]))
+                return cls(Position(int(parts[0])), check or None)
             if len(parts) == 2:
-                return cls(int(parts[0]), int(parts[1]))
-            if len(parts) == 3:
+                return cls(Position(int(parts[0]), int(parts[1])), check or None)
+            if len(parts) == 3 and not sep:
                 n = int(parts[0])
                 raise TokenError(
                     f"position token {token!r} is a partial position of pgfeed 0.1, whose order inside a tick "
@@ -143,14 +187,14 @@ class Position(NamedTuple):
                     f"or from {n} to skip the rest of it"
                 )
         raise TokenError(
-            f"malformed position token {token!r}: expected TICK or TICK.SEQ (non-negative integers), "
-            "as printed by pgfeed"
+            f"malformed position token {token!r}: expected TICK, TICK.SEQ, TICK~CHECK or TICK.SEQ~CHECK "
+            f"(non-negative integers, CHECK {CHECK_DIGITS} lowercase hex digits), as printed by pgfeed"
         )
 
     def __str__(self) -> str:
-        if self.complete:
-            return str(self.tick)
-        return f"{self.tick}.{self.seq}"
+        if self.check is None:
+            return str(self.position)
+        return f"{self.position}~{self.check}"
 
 
 class RowLike(Protocol):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pgfeed.core.positions import Position, Tick
+from pgfeed.core.tokens import token_check
 
 R = TypeVar("R")
 
@@ -41,6 +42,15 @@ class TickCache(Generic[R]):
 
     def get(self, tick_id: int) -> Tick | None:
         return self.ticks.get(tick_id)
+
+    def check(self, tick_id: int, stream_id: int, created_tick: int) -> str | None:
+        """The check of position tokens at tick ``tick_id`` of the stream
+        incarnation ``(stream_id, created_tick)``; None when the tick or its
+        fingerprint is not known here (the token is then printed bare)."""
+        tick = self.ticks.get(tick_id)
+        if tick is None or tick.fp is None:
+            return None
+        return token_check(stream_id, created_tick, tick.fp)
 
     def add(self, ticks: Sequence[Tick]) -> None:
         """Remember ``ticks``; past ``limit``, forget the lowest ids down to half of it."""
@@ -84,11 +94,14 @@ class TickCache(Generic[R]):
         return self.run(first, head.id) or [head]
 
     def changed(self, ticks: Sequence[Tick]) -> Tick | None:
-        """The first of ``ticks`` cached with another snapshot: ticks are
-        immutable, so the database is not the one they were read from."""
+        """The first of ``ticks`` cached as another tick: ticks are immutable,
+        so the database is not the one they were read from. Another snapshot
+        or other seq bounds tell; so do two known fingerprints that differ
+        (a promoted standby can take a tick with the same id and snapshot
+        on a quiet system; the fingerprint covers its time and term too)."""
         for t in ticks:
             seen = self.ticks.get(t.id)
-            if seen is not None and seen.snapshot != t.snapshot:
+            if seen is not None and not same_tick(seen, t):
                 return t
         return None
 
@@ -104,3 +117,13 @@ class TickCache(Generic[R]):
         if not pos.complete or head != pos.tick + 1:
             return None
         return self.prefetched.get((stream, pos.tick))
+
+
+def same_tick(a: Tick, b: Tick) -> bool:
+    """Whether ``a`` and ``b`` (same id) are one tick: same snapshot and seq
+    bounds, and the same fingerprint when both are known (a tick taken
+    before migration 0007, or read by a query that does not select it, has
+    none)."""
+    if (a.snapshot, a.seq_lo, a.seq_hi) != (b.snapshot, b.seq_lo, b.seq_hi):
+        return False
+    return a.fp is None or b.fp is None or a.fp == b.fp

@@ -1,4 +1,20 @@
-"""Commit tokens: read-your-writes without a write. Pure, no I/O.
+"""Commit tokens (read-your-writes without a write) and the check that
+position tokens carry. Pure, no I/O.
+
+Position tokens
+---------------
+A position token printed by pgfeed carries a check: ``TICK[.SEQ]~CHECK``
+(:class:`~pgfeed.core.positions.PositionToken`). :func:`token_check` hashes
+what makes the token mean one point of one history: the stream's incarnation
+(its id and the tick that created it) and the fingerprint of tick ``TICK``
+(``pgfeed.ticks.fp``: id, snapshot, seq bounds, time, term, cluster). A
+reader recomputes it from the database before it starts from the token or
+waits for it; a token of another stream, of an earlier incarnation of this
+one, or of a history the database no longer has (a lagging standby promoted,
+a restore) does not match and is refused.
+
+Commit tokens
+-------------
 
 A writer cannot know, at COMMIT, which tick will first cover its
 transaction: ticks are taken later, by the ticker. So the token names what
@@ -18,10 +34,21 @@ totally ordered and mean the same prefix everywhere.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pgfeed.core.positions import Snapshot, Tick
+from pgfeed.core.positions import CHECK_DIGITS, Snapshot, Tick
+
+
+def token_check(stream_id: int, created_tick: int, fp: int) -> str:
+    """The check of a position token at a tick whose fingerprint is ``fp``,
+    on the incarnation of a stream with id ``stream_id`` created at tick
+    ``created_tick``: :data:`~pgfeed.core.positions.CHECK_DIGITS` lowercase
+    hex digits. An integrity check against mix-ups (one wrong token in 16
+    million passes), not a secret."""
+    data = f"{stream_id}:{created_tick}:{fp}".encode()
+    return hashlib.blake2b(data, digest_size=CHECK_DIGITS // 2, person=b"pgfeed-token").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ USAGE_ERRORS = [
     (["tail", "orders", "--format", "xml"], None, "invalid value for '--format'"),
     (["stream", "create", "x", "--max-payload-bytes", "0"], None, "try 'pgfeed stream create --help'"),
     (["tail", "orders", "--from", "banana"], None, "malformed position token 'banana'"),
+    (["tail", "orders", "--from", "3~XYZ"], None, "expected TICK, TICK.SEQ, TICK~CHECK or TICK.SEQ~CHECK"),
     (["tail", "Bad-Name"], None, "invalid stream name 'Bad-Name'"),
     (["grant", "writer", "someone", "--stream", "Bad-Name"], None, "invalid stream name 'Bad-Name'"),
     (["append", "orders", "{"], None, "invalid JSON on the JSON argument"),

@@ -13,9 +13,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import one_line_error
 from ticking import take_tick
 
 import pgfeed
+from pgfeed import admin
 
 PGFEED = [sys.executable, "-m", "pgfeed_cli"]
 
@@ -109,6 +111,26 @@ def test_from_token_and_limit(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg
         timeout=30,
     )
     assert [json.loads(line)["payload"]["id"] for line in rest.stdout.splitlines()] == [2, 3, 4]
+
+
+def test_from_a_token_of_another_stream_is_refused_in_one_line(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    admin.create_stream(pgfeed_conn, "other")
+    pgfeed.append(pgfeed_conn, "other", {"id": 0})
+    pgfeed.append(pgfeed_conn, stream, {"id": 0})
+    other = subprocess.run(
+        [*PGFEED, "--dsn", pgfeed_dsn, "tail", "other", "--no-follow"], capture_output=True, text=True, timeout=30
+    )
+    token = json.loads(other.stdout.splitlines()[-1])["position"]
+    assert "~" in token
+    out = subprocess.run(
+        [*PGFEED, "--dsn", pgfeed_dsn, "tail", stream, "--from", token, "--no-follow"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "does not belong to stream 'orders'" in one_line_error(out, code=2)
 
 
 def test_pretty_format(pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]) -> None:

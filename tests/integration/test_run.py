@@ -209,6 +209,14 @@ def test_sigterm_finishes_the_batch_in_hand_saves_and_exits_0(
     position = saved(pgfeed_conn, "c")
     assert position is not None
     assert position[0] == str(in_hand)  # saved up to exactly what was handled
+    # ... with the fingerprint of its tick, as the consumer saw it (checked when it resumes).
+    fps = pgfeed_conn.execute(
+        "SELECT p.tick_fp, t.fp FROM pgfeed.positions p, pgfeed.ticks t WHERE p.consumer = 'c' AND t.id = %s",
+        (in_hand.tick,),
+    ).fetchone()
+    assert fps is not None
+    assert fps[0] is not None
+    assert fps[0] == fps[1]
 
     # Rows written while it was stopped are not lost; nothing comes twice.
     append(pgfeed_conn, range(200, 260))

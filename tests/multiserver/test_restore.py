@@ -97,7 +97,7 @@ async def _dumped_feed(made: list[Server], bin_dir: Path, tmp: Path) -> Dumped:
         follower = await Follower("source", src, STREAM).start()
         try:
             await follower.wait_for(end_marker(src, STREAM))
-            saved = str(follower.sub.position)
+            saved = follower.token  # with its check: it must stay valid on the restored copy
         finally:
             await follower.close()
     newest, xmax = _newest_tick(src)
@@ -399,7 +399,8 @@ async def _carry_over(source: Server, replacement: Server, replace: Any) -> Cont
             assert not writers.errors
             out.before = writers.committed
             await live.wait_for(end_marker(src, STREAM))
-            out.saved = str(live.sub.position)
+            out.saved = live.token  # with its check: it must stay valid on the successor
+            assert "~" in out.saved
         await asyncio.to_thread(replace)
         out.version = str(replacement.query("SHOW server_version")[0][0])
         with daemon(dst, wait=False):

@@ -89,12 +89,16 @@ class Follower:
     stream: str
     since: str = "earliest"
     options: dict[str, Any] = field(default_factory=dict)
+    #: A named consumer: resumes from its saved position (pgfeed.positions).
+    consumer: str | None = None
     rows: list[pgfeed.Row] = field(default_factory=list)
     delivered: list[pgfeed.Row] = field(default_factory=list)
     reset_batches: int = 0
     reset_reasons: list[str] = field(default_factory=list)
     #: (reset, rows, position) of every batch taken.
     batches: list[tuple[bool, int, str]] = field(default_factory=list)
+    #: The token of the last batch taken (with its check): what a consumer saves to resume.
+    token: str = ""
     #: When set, the consumer takes one batch, then waits for it before taking more.
     gate: asyncio.Event | None = None
     reader: pgfeed.AsyncReader | None = None
@@ -107,7 +111,7 @@ class Follower:
         self.reader.on_reset(lambda stream, reason: self.reset_reasons.append(reason))
         await self.reader.open()
         try:
-            self.sub = await self.reader.subscribe(self.stream, since=self.since)
+            self.sub = await self.reader.subscribe(self.stream, since=self.since, consumer=self.consumer)
         except BaseException:
             await self.reader.close()
             raise
@@ -117,6 +121,7 @@ class Follower:
     async def _consume(self) -> None:
         async for batch in self.sub:
             self.batches.append((batch.reset, len(batch.rows), str(batch.position)))
+            self.token = batch.token
             if batch.reset:
                 self.reset_batches += 1
                 self.rows = []

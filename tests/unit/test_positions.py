@@ -175,10 +175,15 @@ def test_snapshot_visibility_matches_postgres_rule() -> None:
         Snapshot.parse("5:x")
 
 
-@pytest.mark.parametrize("token", ["", "x", "1.2.3.4", "-1", "1..2", "1.a", "99999999999999999999", " 1 2"])
+@pytest.mark.parametrize(
+    "token",
+    ["", "x", "1.2.3.4", "-1", "1..2", "1.a", "99999999999999999999", " 1 2", "1~", "1~abc", "1~ABCDEF", "1~abcdefa",
+     "1.2~abcdeg", "1~abcdef~abcdef", "~abcdef", "1.2.3~abcdef"],
+)  # fmt: skip
 def test_malformed_tokens_are_refused_with_the_accepted_forms(token: str) -> None:
-    with pytest.raises(TokenError, match=r"expected TICK or TICK\.SEQ"):
+    with pytest.raises(TokenError, match=r"expected TICK, TICK\.SEQ, TICK~CHECK or TICK\.SEQ~CHECK") as refused:
         Position.parse(token)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_partial_token_of_the_previous_release_is_refused_saying_what_to_do() -> None:
@@ -190,6 +195,8 @@ def test_token_round_trip_and_order() -> None:
     assert str(Position.parse("42")) == "42"
     assert Position.parse("42") == Position(42, COMPLETE)
     assert str(Position.parse("42.3")) == "42.3"
+    # The check is accepted, and ignored by Position (a reader verifies it).
+    assert Position.parse(" 42.3~0a1b2c ") == Position(42, 3)
     assert Position(41) < Position(42, 1) < Position(42, 2) < Position(42) < Position(43, 0)
 
 
