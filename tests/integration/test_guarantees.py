@@ -8,11 +8,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
+from ticking import daemon
 from workloads import (
     Workload,
     append_end_marker,
@@ -28,17 +31,39 @@ from pgfeed import admin
 from pgfeed.testing import TestServer
 
 
+@pytest.fixture(
+    params=[
+        pytest.param("embedded", id="embedded-ticker"),
+        pytest.param("daemon", id="daemon-readonly-reader", marks=pytest.mark.slow),
+    ]
+)
+def reader_dsn(
+    request: pytest.FixtureRequest, pgfeed_dsn: str, pgfeed_conn: psycopg.Connection[Any], make_role: Callable[[], str]
+) -> Iterator[str]:
+    """Where the readers under test connect. ``embedded``: as the owner, the
+    readers tick themselves. ``daemon``: `pgfeed daemon` ticks, and the readers
+    run as a role with only `pgfeed grant reader` and
+    ``default_transaction_read_only = on``: they must need no write at all."""
+    if request.param == "embedded":
+        yield pgfeed_dsn
+        return
+    role = make_role()
+    admin.grant_reader(pgfeed_conn, role)
+    with daemon(pgfeed_dsn):
+        yield make_conninfo(pgfeed_dsn, user=role, options="-c default_transaction_read_only=on")
+
+
 def test_concurrent_writers_two_live_readers_and_a_catch_up_reader_agree(
-    pgfeed_dsn: str, stream: str, tmp_path: Path
+    pgfeed_dsn: str, reader_dsn: str, stream: str, tmp_path: Path
 ) -> None:
-    live_a = start_reader_process(pgfeed_dsn, stream, "earliest", tmp_path, "live_a")
-    live_b = start_reader_process(pgfeed_dsn, stream, "now", tmp_path, "live_b")
+    live_a = start_reader_process(reader_dsn, stream, "earliest", tmp_path, "live_a")
+    live_b = start_reader_process(reader_dsn, stream, "now", tmp_path, "live_b")
     work = Workload(pgfeed_dsn, stream, writers=16, transactions=12, long_transactions=2, long_seconds=3.0)
     work.run()
     append_end_marker(pgfeed_dsn, stream)
     rows_a = live_a.wait(60)
     rows_b = live_b.wait(60)
-    catch_up = start_reader_process(pgfeed_dsn, stream, "earliest", tmp_path, "catch_up")
+    catch_up = start_reader_process(reader_dsn, stream, "earliest", tmp_path, "catch_up")
     rows_c = catch_up.wait(60)
 
     assert len(work.committed) > 100
@@ -73,8 +98,8 @@ def _backend_pids(dsn: str, app: str) -> list[int]:
         ]
 
 
-async def test_killed_reader_backends_lose_and_repeat_nothing(pgfeed_dsn: str, stream: str) -> None:
-    app_dsn = psycopg.conninfo.make_conninfo(pgfeed_dsn, application_name="pgfeed-victim")
+async def test_killed_reader_backends_lose_and_repeat_nothing(pgfeed_dsn: str, reader_dsn: str, stream: str) -> None:
+    app_dsn = psycopg.conninfo.make_conninfo(reader_dsn, application_name="pgfeed-victim")
     async with pgfeed.AsyncReader(app_dsn, poll_interval=0.5, probe_interval=0.5) as reader:
         got, task = await _collect(reader, stream)
         work = Workload(pgfeed_dsn, stream, writers=6, transactions=25, long_transactions=0)
@@ -99,11 +124,11 @@ async def test_killed_reader_backends_lose_and_repeat_nothing(pgfeed_dsn: str, s
 
 @pytest.mark.restart
 async def test_postgres_restart_mid_stream_recovers_without_loss_or_duplicates(
-    pgfeed_server: TestServer, pgfeed_dsn: str, stream: str
+    pgfeed_server: TestServer, pgfeed_dsn: str, reader_dsn: str, stream: str
 ) -> None:
     if not pgfeed_server.can_restart:
         pytest.skip(f"this test restarts the server; {pgfeed_server.source} cannot be restarted by the tests")
-    async with pgfeed.AsyncReader(pgfeed_dsn, poll_interval=0.5, probe_interval=0.5) as reader:
+    async with pgfeed.AsyncReader(reader_dsn, poll_interval=0.5, probe_interval=0.5) as reader:
         got, task = await _collect(reader, stream)
         work = Workload(pgfeed_dsn, stream, writers=4, transactions=40, long_transactions=0, tolerate_disconnects=True)
         writers = threading.Thread(target=work.run)
@@ -126,14 +151,14 @@ async def test_postgres_restart_mid_stream_recovers_without_loss_or_duplicates(
 
 
 async def test_long_write_transaction_elsewhere_does_not_delay_the_stream(
-    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+    pgfeed_dsn: str, reader_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
 ) -> None:
     hold = float(os.environ.get("PGFEED_TEST_LONG_TX_SECONDS", "30"))
     pgfeed_conn.execute("CREATE TABLE other (x int)")
     blocker = psycopg.connect(pgfeed_dsn)
     blocker.execute("INSERT INTO other VALUES (1)")  # an open write transaction, held for `hold` seconds
     try:
-        async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        async with pgfeed.AsyncReader(reader_dsn) as reader:
             sub = await reader.subscribe(stream, "now")
             latencies = []
             started = time.monotonic()
@@ -154,11 +179,13 @@ async def test_long_write_transaction_elsewhere_does_not_delay_the_stream(
     assert latencies[-1] < 1.0, f"slowest delivery {latencies[-1]:.3f}s while another transaction was open"
 
 
-async def test_long_transaction_on_the_stream_delays_only_its_own_rows(pgfeed_dsn: str, stream: str) -> None:
+async def test_long_transaction_on_the_stream_delays_only_its_own_rows(
+    pgfeed_dsn: str, reader_dsn: str, stream: str
+) -> None:
     long_tx = psycopg.connect(pgfeed_dsn)
     pgfeed.append(long_tx, stream, {"id": "long"})
     try:
-        async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
+        async with pgfeed.AsyncReader(reader_dsn) as reader:
             sub = await reader.subscribe(stream, "earliest")
             with psycopg.connect(pgfeed_dsn, autocommit=True) as other:
                 pgfeed.append(other, stream, {"id": "after"})
@@ -175,20 +202,20 @@ async def test_long_transaction_on_the_stream_delays_only_its_own_rows(pgfeed_ds
 
 
 async def test_a_lost_notification_is_covered_by_the_poll(
-    pgfeed_dsn: str, pgfeed_conn: psycopg.Connection[Any]
+    reader_dsn: str, pgfeed_conn: psycopg.Connection[Any]
 ) -> None:
     admin.create_stream(pgfeed_conn, "quiet", notify_mode="poll")
-    async with pgfeed.AsyncReader(pgfeed_dsn, poll_interval=0.3) as reader:
+    async with pgfeed.AsyncReader(reader_dsn, poll_interval=0.3) as reader:
         sub = await reader.subscribe("quiet", "now")
         pgfeed.append(pgfeed_conn, "quiet", {"id": 1})
         batch = await asyncio.wait_for(sub.__anext__(), 5)
         assert [r.payload for r in batch.rows] == [{"id": 1}]
 
 
-async def test_half_open_listener_is_detected_and_replaced(pgfeed_dsn: str, stream: str) -> None:
+async def test_half_open_listener_is_detected_and_replaced(pgfeed_dsn: str, reader_dsn: str, stream: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs to SIGSTOP a server backend (run as root or as the server's user)")
-    app_dsn = psycopg.conninfo.make_conninfo(pgfeed_dsn, application_name="pgfeed-frozen")
+    app_dsn = psycopg.conninfo.make_conninfo(reader_dsn, application_name="pgfeed-frozen")
     async with pgfeed.AsyncReader(app_dsn, poll_interval=30, probe_interval=0.3, probe_timeout=0.5) as reader:
         sub = await reader.subscribe(stream, "now")
         listener = _listener_pids(pgfeed_dsn, "pgfeed-frozen")
