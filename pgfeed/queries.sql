@@ -1,0 +1,67 @@
+-- Every statement pgfeed's Python sends, by name (see pgfeed/queries.py).
+--
+-- A query starts at its "-- name:" line; the comment lines right after it say
+-- what it does. %s and %(name)s are psycopg parameters (a literal percent
+-- sign is %%); {} placeholders are filled with identifiers in Python
+-- (pgfeed.queries.template). The functions called here are defined by the
+-- migrations; their _vN suffix is bumped on any change, so that a reader of
+-- the previous release keeps working during a rolling upgrade.
+
+
+-- ==== The reader (pgfeed/store.py) ====
+
+-- name: read_live
+-- What a woken reader learns in one read-only round trip: ticks from the
+-- known head on, the newest tick, the followed streams' incarnations, and
+-- the rows of the interval ending at the head for streams standing there.
+SELECT * FROM pgfeed.read_live_v3(%s, %s::text[], %s::bigint[], %s::integer)
+
+-- name: fetch_ticks
+-- Ticks first..last inclusive, ascending.
+SELECT id, snap::text, seq_lo, seq_hi, fp FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id
+
+-- name: fetch_rows
+-- One round trip: the stream's floor and the interval's rows in seq order
+-- (pgfeed.interval_rows_v2). The floor is read in the same snapshot as the
+-- rows: if a prune committed before that snapshot the floor says so; if
+-- after, the rows are whole.
+SELECT r.*, f.floor_tick
+  FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
+  LEFT JOIN LATERAL pgfeed.interval_rows_v2(
+      %(sid)s, %(a)s::pg_snapshot, %(a_lo)s, %(b)s::pg_snapshot, %(b_hi)s, %(after)s, %(limit)s) r ON true
+
+-- name: load_position
+-- The position this role saved for a consumer on a stream.
+SELECT token, tick_fp FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s
+
+-- name: save_position
+-- Upsert this role's saved position of a consumer on a stream.
+INSERT INTO pgfeed.positions (consumer, stream, token, tick_fp) VALUES (%s, %s, %s, %s)
+ ON CONFLICT (owner, consumer, stream) DO UPDATE
+ SET token = excluded.token, tick_fp = excluded.tick_fp, updated_at = now()
+
+-- name: head_tick_id
+-- The newest tick's id, 0 before the first tick (read-only: ticks are the
+-- ticker's business).
+SELECT coalesce(max(id), 0) FROM pgfeed.ticks
+
+-- name: resolve_token
+-- The newest tick's id if it covers a commit token, else NULL; an error for
+-- a token from the future.
+SELECT pgfeed.resolve_token_v2(%s)
+
+-- name: snapshot_token
+-- A commit token covering every transaction that has ended so far.
+SELECT 's' || pg_current_snapshot()::text
+
+-- name: tick_facts
+-- What a position token's tick is, in one snapshot: its fingerprint, and for
+-- a partial token whether the stream has a row with that seq in the tick's
+-- interval (visible in tick n, not in tick n - 1), with the stream's floor.
+SELECT t.id IS NOT NULL, t.fp,
+       %(seq)s::bigint IS NOT NULL AND EXISTS (
+           SELECT FROM pgfeed.events e JOIN pgfeed.ticks a ON a.id = t.id - 1
+            WHERE e.stream_id = %(sid)s AND e.seq = %(seq)s
+              AND pg_visible_in_snapshot(e.xid, t.snap) AND NOT pg_visible_in_snapshot(e.xid, a.snap)),
+       (SELECT s.floor_tick FROM pgfeed.streams s WHERE s.id = %(sid)s)
+  FROM (VALUES (1)) one LEFT JOIN pgfeed.ticks t ON t.id = %(tick)s
