@@ -65,3 +65,24 @@ SELECT t.id IS NOT NULL, t.fp,
               AND pg_visible_in_snapshot(e.xid, t.snap) AND NOT pg_visible_in_snapshot(e.xid, a.snap)),
        (SELECT s.floor_tick FROM pgfeed.streams s WHERE s.id = %(sid)s)
   FROM (VALUES (1)) one LEFT JOIN pgfeed.ticks t ON t.id = %(tick)s
+
+
+-- ==== The write side (pgfeed/writer.py) ====
+
+-- name: append
+-- Append one payload to a stream in the caller's transaction; its seq.
+SELECT pgfeed.append_v2(%s, %s::jsonb, %s)
+
+-- name: append_many
+-- Append many payloads (JSON texts) in one call, all or nothing; how many.
+SELECT pgfeed.append_many_v2(%s, %s::text[]::jsonb[], %s::text[])
+
+-- name: invalidate
+-- Append an invalidation of a cache's keys (NULL: the whole cache) to the
+-- built-in caches stream.
+SELECT pgfeed.invalidate_v2(%s, %s::text[])
+
+-- name: commit_token
+-- A snapshot token covering everything committed so far, this connection's
+-- last transaction included.
+SELECT pgfeed.commit_token_v2()
