@@ -86,3 +86,57 @@ SELECT pgfeed.invalidate_v2(%s, %s::text[])
 -- A snapshot token covering everything committed so far, this connection's
 -- last transaction included.
 SELECT pgfeed.commit_token_v2()
+
+
+-- ==== Sessions (pgfeed/ticker.py, pgfeed/reader.py, pgfeed/listener.py) ====
+
+-- name: set_synchronous_commit_on
+-- A tick (a saved position) is durable before anyone is told of it.
+SET synchronous_commit = on
+
+-- name: set_read_committed_default
+-- pgfeed's functions that take a tick need READ COMMITTED, whatever the
+-- server's default isolation.
+SET default_transaction_isolation = 'read committed'
+
+-- name: set_statement_timeout
+-- Cut a statement that hangs (a lock, a half-open link); {} is milliseconds.
+SET statement_timeout = {}
+
+-- name: set_application_name_ticker
+-- How `pgfeed status` recognises the ticker's own connection.
+SET application_name = 'pgfeed ticker'
+
+-- name: set_generic_plans
+-- The reader's statements run with the same plan whatever their parameters.
+SET plan_cache_mode = force_generic_plan
+
+-- name: listen
+-- LISTEN on channel {} (an identifier).
+LISTEN {}
+
+-- name: notify_self
+-- The listener's probe: a NOTIFY to its own channel proves the connection answers.
+SELECT pg_notify(%s, '')
+
+
+-- ==== The ticker (pgfeed/ticker.py) ====
+
+-- name: ticker_claim
+-- Claim the ticker lease (holder, kind, lease ms): the new term, or no row
+-- while another candidate holds it.
+SELECT term FROM pgfeed.ticker_claim_v2(%s, %s, %s)
+
+-- name: ticker_renew
+-- Renew the lease of a term (term, lease ms): false once another took it.
+SELECT pgfeed.ticker_renew_v2(%s, %s)
+
+-- name: ticker_resign
+-- Give up the lease of a term, so that another candidate takes over at once.
+SELECT pgfeed.ticker_resign_v2(%s)
+
+-- name: tick
+-- Take a tick if some row became visible (no row otherwise); refused with
+-- SQLSTATE PF001 when the term was superseded. The only place pgfeed's
+-- Python takes a tick.
+SELECT id FROM pgfeed.tick_v2(%s)
