@@ -140,3 +140,45 @@ SELECT pgfeed.ticker_resign_v2(%s)
 -- SQLSTATE PF001 when the term was superseded. The only place pgfeed's
 -- Python takes a tick.
 SELECT id FROM pgfeed.tick_v2(%s)
+
+
+-- ==== Operations (pgfeed/daemon.py, pgfeed/retention.py, pgfeed/repair.py) ====
+
+-- name: has_ticker_schema
+-- Whether the schema is migrated far enough for the ticker.
+SELECT to_regclass('pgfeed.ticker') IS NOT NULL
+
+-- name: prune
+-- Delete the events and ticks older than an interval (protect_consumers,
+-- dry_run): the new floor, what was deleted, whether a consumer held it back.
+SELECT * FROM pgfeed.prune_v2(%s, %s, %s)
+
+-- name: history_break
+-- Why this database's ticks cannot be continued (a restore into another
+-- cluster), or NULL.
+SELECT pgfeed._history_break_v3()
+
+-- name: restore_state
+-- The repair's view of a restored database: why ticks cannot continue, the
+-- newest tick's xmax, the server's, and how many rows the repair would move.
+SELECT pgfeed._history_break_v3(),
+       (SELECT pg_snapshot_xmax(t.snap)::text::bigint FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1),
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+       pgfeed.repair_restamp_v3(true)
+
+-- name: set_synchronous_commit_off
+-- Burning transaction ids need not wait for the disk.
+SET synchronous_commit = off
+
+-- name: advance_xids
+-- Burn transaction ids until the server's pass the given xid8 (as text).
+CALL pgfeed.advance_xids_v3(%s::text::xid8)
+
+-- name: reset_synchronous_commit
+-- Back to the session's default.
+RESET synchronous_commit
+
+-- name: repair_restamp
+-- Give the rows the restored ticks wrongly count as delivered this
+-- transaction's id; how many.
+SELECT pgfeed.repair_restamp_v3(false)
