@@ -182,3 +182,161 @@ RESET synchronous_commit
 -- Give the rows the restored ticks wrongly count as delivered this
 -- transaction's id; how many.
 SELECT pgfeed.repair_restamp_v3(false)
+
+
+-- ==== Stream administration (pgfeed/admin.py) ====
+
+-- name: stream_id
+-- The id of a stream, by name (no row: no such stream).
+SELECT id FROM pgfeed.streams WHERE name = %s
+
+-- name: set_transaction_read_committed
+-- create_stream_v2 takes a tick: READ COMMITTED whatever the session's default.
+SET TRANSACTION ISOLATION LEVEL READ COMMITTED
+
+-- name: create_stream
+-- Create a stream (name, max payload bytes, notify mode); its id.
+SELECT pgfeed.create_stream_v2(%s, %s, %s)
+
+-- name: list_streams
+SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name
+
+-- name: stream_rows
+-- A stream's row count and last append time, through the parent table:
+-- readers may read it, not the partitions.
+SELECT count(*), max(created_at)::text FROM pgfeed.events WHERE stream_id = %s
+
+-- name: lock_stream
+-- The id of a stream about to be dropped, locked until the drop commits.
+SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE
+
+-- name: drop_partition
+-- Drop a stream's partition {} (pgfeed.events_<id>) and its rows.
+DROP TABLE {}
+
+-- name: delete_stream
+DELETE FROM pgfeed.streams WHERE id = %s
+
+-- name: role_exists
+SELECT 1 FROM pg_roles WHERE rolname = %s
+
+-- name: record_grant
+-- Remember a grant (kind, stream id or NULL for all, role name) by role oid,
+-- so that streams created later inherit "all streams" grants.
+INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)
+ SELECT oid, %s, %s FROM pg_roles WHERE rolname = %s ON CONFLICT DO NOTHING
+
+-- name: all_stream_ids
+SELECT id FROM pgfeed.streams
+
+-- name: grant_schema_usage
+-- Every grant starts here: role {} may use the pgfeed schema.
+GRANT USAGE ON SCHEMA pgfeed TO {}
+
+-- name: grant_writer_streams
+GRANT SELECT ON pgfeed.streams TO {}
+
+-- name: grant_writer_sequence
+GRANT USAGE ON SEQUENCE pgfeed.event_seq TO {}
+
+-- name: grant_writer_events
+-- append_v2 inserts through the parent table; the events_append policy
+-- limits it to the granted streams.
+GRANT INSERT (stream_id, key, payload) ON pgfeed.events TO {}
+
+-- name: grant_writer_role_grants
+GRANT SELECT ON pgfeed.role_grants TO {}
+
+-- name: grant_writer_functions
+-- This release's write functions, then the previous release's writers',
+-- during a rolling upgrade.
+GRANT EXECUTE ON FUNCTION pgfeed.append_v2(text, jsonb, text),
+ pgfeed.append_many_v2(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),
+ pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v2(text, text[]),
+ pgfeed.commit_token_v2(), pgfeed.commit_token(),
+ pgfeed.append_v1(text, jsonb, text), pgfeed.append_many_v1(text, jsonb[], text[]),
+ pgfeed.invalidate_v1(text, text[]), pgfeed.tick_v1() TO {}
+
+-- name: grant_writer_partition
+-- Let a role insert into one stream's partition: ON {partition} TO {role}.
+GRANT INSERT (key, payload) ON {} TO {}
+
+-- name: grant_reader_tables
+GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events, pgfeed.ticker TO {}
+
+-- name: grant_reader_positions
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}
+
+-- name: grant_reader_functions
+GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),
+ pgfeed.read_live_v3(bigint, text[], bigint[], integer),
+ pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),
+ pgfeed.resolve_token_v2(text) TO {}
+
+-- name: grant_ticker_lease
+GRANT SELECT ON pgfeed.ticker TO {}
+
+-- name: grant_ticker_functions
+GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean),
+ pgfeed.ticker_claim_v2(text, text, integer), pgfeed.ticker_renew_v2(bigint, integer),
+ pgfeed.ticker_resign_v2(bigint), pgfeed.prune_v2(interval, boolean, boolean) TO {}
+
+-- name: captured_tables
+-- (schema, table) of every table captured into a stream (its row and
+-- TRUNCATE trigger names); the clones of a partitioned table's triggers on
+-- its partitions are not listed. Both this release's capture function and
+-- the previous release's count: their triggers keep working until the
+-- table is captured again. A partition's own TRUNCATE trigger belongs to its
+-- captured ancestor's capture.
+SELECT DISTINCT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+ JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0
+   AND t.tgfoid IN ('pgfeed.capture_v2()'::regprocedure, 'pgfeed.capture_v1()'::regprocedure)
+   AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a JOIN pg_trigger p
+                    ON p.tgrelid = a.relid AND p.tgname = t.tgname WHERE a.relid <> c.oid)
+ ORDER BY 1, 2
+
+-- name: table_tree
+-- (schema, table) of a table (oid) and, for a partitioned table, of every
+-- partition below it (the same oid again), top down.
+SELECT n.nspname, c.relname FROM (SELECT %s::oid AS relid, 0 AS level
+  UNION SELECT relid, level FROM pg_partition_tree(%s)) t
+ JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY t.level, 1, 2
+
+-- name: capture_triggers
+-- The capture triggers (row and TRUNCATE trigger names) on a table (oid)
+-- and its partitions (the same oid again): name, schema, table.
+SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+ JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0
+   AND (t.tgrelid = %s OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(%s)))
+
+-- name: drop_trigger
+-- Drop trigger {} on table {}.
+DROP TRIGGER {} ON {}
+
+-- name: table_oid
+-- The oid and relkind of schema.table.
+SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %s AND c.relname = %s
+
+-- name: table_columns
+-- The name and number of each live column of a table (oid).
+SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
+
+-- name: primary_key
+-- The primary key columns of a table (oid), in key order.
+SELECT a.attname FROM pg_index i JOIN pg_attribute a
+ ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+ WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)
+
+-- name: create_capture_trigger
+-- The row trigger {} of a capture: AFTER {operations} ON {table}, calling
+-- pgfeed.capture_v2 with {arguments} (see migrations/0005_capture.sql).
+CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v2({})
+
+-- name: create_truncate_trigger
+-- The TRUNCATE trigger {} of a capture on table {}, with the capture's
+-- {arguments}. Statement triggers are not cloned to partitions, and TRUNCATE
+-- of one partition fires only that partition's triggers: each has its own.
+CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION pgfeed.capture_v2({})
