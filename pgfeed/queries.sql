@@ -340,3 +340,111 @@ CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v2
 -- {arguments}. Statement triggers are not cloned to partitions, and TRUNCATE
 -- of one partition fires only that partition's triggers: each has its own.
 CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION pgfeed.capture_v2({})
+
+
+-- ==== Status (pgfeed/status.py) and migrations (pgfeed/migrator.py) ====
+
+-- name: has_schema_version
+-- Whether pgfeed was ever installed in this database.
+SELECT to_regclass('pgfeed.schema_version') IS NOT NULL
+
+-- name: schema_version
+-- The newest applied migration.
+SELECT max(version) FROM pgfeed.schema_version
+
+-- name: set_transaction_repeatable_read_only
+-- The status report's numbers, read in one snapshot, agree with each other.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: set_local_jit_off
+-- Small reports: compiling would cost more than running.
+SET LOCAL jit = off
+
+-- name: status_ticker
+SELECT * FROM pgfeed.status_ticker_v2()
+
+-- name: status_streams
+-- Every stream (names, or NULL for all) with its counts over a recent
+-- window (seconds).
+SELECT * FROM pgfeed.status_streams_v2(%s::text[], make_interval(secs => %s))
+
+-- name: status_committed_after
+-- Rows each (stream id, xid) pair wrote, for the open writers that hold a
+-- stream back.
+SELECT stream_id, xid::text, row_count FROM pgfeed.status_committed_after_v2(%s::bigint[], %s::xid8[])
+
+-- name: status_consumers
+-- Every saved consumer position (of the streams named, or NULL for all).
+SELECT * FROM pgfeed.status_consumers_v2(%s::text[])
+
+-- name: session_columns
+-- Not a statement: the columns of a session ({columns} below) read from
+-- pg_stat_activity a. The horizon a session holds is the older of its
+-- snapshot's xmin and its own xid.
+a.pid, a.datname, a.usename, a.application_name, host(a.client_addr), a.backend_start,
+       a.xact_start, a.state, a.query, a.backend_xid::text, greatest(age(a.backend_xmin), age(a.backend_xid))
+
+-- name: stream_writers
+-- Open transactions holding a RowExclusiveLock on a stream's partition (the
+-- partitions' oids): they wrote to it (an INSERT routed there), or are writing.
+SELECT l.relation::bigint, {columns}
+  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.relation = ANY (%s::oid[]) AND l.pid <> pg_backend_pid()
+ ORDER BY a.xact_start NULLS LAST, l.pid
+
+-- name: pgfeed_sessions
+-- pgfeed's own sessions in this database (by application_name).
+SELECT {columns} FROM pg_stat_activity a
+ WHERE a.datname = current_database() AND a.application_name LIKE 'pgfeed %%' AND a.pid <> pg_backend_pid()
+ ORDER BY a.application_name, a.pid
+
+-- name: xmin_sessions
+-- Sessions of any database (the horizon of shared catalogs is cluster-wide)
+-- holding a snapshot or an xid, in a transaction older than a threshold
+-- (seconds).
+SELECT {columns} FROM pg_stat_activity a
+ WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) AND a.pid <> pg_backend_pid()
+   AND coalesce(a.xact_start, a.backend_start) <= now() - make_interval(secs => %s)
+ ORDER BY greatest(age(a.backend_xmin), age(a.backend_xid)) DESC LIMIT 10
+
+-- name: xmin_others
+-- What else holds the xmin horizon back: prepared transactions older than a
+-- threshold (seconds), and replication slots.
+SELECT 'prepared', gid || ' (owner ' || owner || ', database ' || database || ')', age(transaction),
+       extract(epoch FROM now() - prepared)::float8
+  FROM pg_prepared_xacts WHERE prepared <= now() - make_interval(secs => %s)
+UNION ALL
+SELECT 'slot', slot_name || CASE WHEN active THEN ' (active)' ELSE ' (inactive)' END, age(xmin), NULL
+  FROM pg_replication_slots WHERE xmin IS NOT NULL
+
+-- name: applied_migrations
+SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version
+
+-- name: try_migrate_lock
+-- Take the session advisory lock held while migrating, if free.
+SELECT pg_try_advisory_lock(%s)
+
+-- name: migrate_lock
+-- Wait for the lock held while migrating.
+SELECT pg_advisory_lock(%s)
+
+-- name: migrate_unlock
+SELECT pg_advisory_unlock(%s)
+
+-- name: create_schema_version
+-- Create the version table; runs in the first migration's transaction, so
+-- that a failed first run leaves nothing behind.
+CREATE SCHEMA IF NOT EXISTS pgfeed;
+CREATE TABLE pgfeed.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    applied_by name NOT NULL DEFAULT current_user
+)
+
+-- name: record_migration
+-- Record an applied migration (version, name, checksum), in its transaction.
+INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)
