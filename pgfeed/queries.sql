@@ -448,3 +448,33 @@ CREATE TABLE pgfeed.schema_version (
 -- name: record_migration
 -- Record an applied migration (version, name, checksum), in its transaction.
 INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)
+
+
+-- ==== Consumers run by `pgfeed run` (pgfeed/run.py), the demo (pgfeed_cli/demo) ====
+
+-- name: consumer_heartbeat
+-- A `pgfeed run` consumer (consumer, stream) is alive, whether or not it
+-- has rows to save.
+SELECT pgfeed.consumer_heartbeat_v2(%s, %s)
+
+-- name: ticker_lease
+-- Who leads the ticker now, if anyone: holder, kind, term.
+SELECT holder, kind, term FROM pgfeed.ticker WHERE expires_at > clock_timestamp()
+
+
+-- ==== Test servers and databases (pgfeed/testing.py) ====
+
+-- name: server_version
+SHOW server_version
+
+-- name: create_database
+-- Create database {} (the migrated template of a test session).
+CREATE DATABASE {}
+
+-- name: clone_database
+-- Create database {} as a copy of template database {} (one per test).
+CREATE DATABASE {} TEMPLATE {}
+
+-- name: drop_database
+-- Drop database {}, disconnecting whatever still uses it.
+DROP DATABASE IF EXISTS {} WITH (FORCE)
