@@ -331,7 +331,7 @@ def capture(
             for col in [*key, *(columns or [])]:
                 if col not in attnums:
                     raise UsageError(f"table {shown} has no column {col!r}")
-            # The arguments of pgfeed.capture_v2 (see migrations/0005_capture.sql).
+            # The arguments of pgfeed.capture_v2 (see pgfeed/migrations/0005_capture.sql).
             options = [o for o, on in (("skip_unchanged", skip_unchanged), ("partitioned", kind == "p")) if on]
             args = sql.SQL(", ").join(
                 sql.Literal(a)

@@ -1,4 +1,4 @@
-"""Apply the numbered SQL files in ``migrations/`` under an advisory lock."""
+"""Apply the numbered SQL files in ``pgfeed/migrations/`` under an advisory lock."""
 
 from __future__ import annotations
 
@@ -23,14 +23,10 @@ MIGRATE_LOCK = 7451287230471176194
 
 
 def migrations_dir() -> Path:
-    """The shipped migrations: inside the wheel (``pgfeed/migrations``) or,
-    for a source checkout / editable install, ``migrations/`` at the top."""
+    """The shipped migrations, ``pgfeed/migrations`` (in the wheel and in a checkout alike)."""
     packaged = Path(str(resources.files("pgfeed"))) / "migrations"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parent.parent / "migrations"
-    if checkout.is_dir():
-        return checkout
     raise MigrationError("pgfeed's migrations directory is missing from this installation; reinstall pgfeed")
 
 

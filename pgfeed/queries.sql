@@ -332,7 +332,7 @@ SELECT a.attname FROM pg_index i JOIN pg_attribute a
 
 -- name: create_capture_trigger
 -- The row trigger {} of a capture: AFTER {operations} ON {table}, calling
--- pgfeed.capture_v2 with {arguments} (see migrations/0005_capture.sql).
+-- pgfeed.capture_v2 with {arguments} (see pgfeed/migrations/0005_capture.sql).
 CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v2({})
 
 -- name: create_truncate_trigger
