@@ -1,11 +1,13 @@
 -- Every statement pgfeed's Python sends, by name (see pgfeed/queries.py).
 --
 -- A query starts at its "-- name:" line; the comment lines right after it say
--- what it does. %s and %(name)s are psycopg parameters (a literal percent
--- sign is %%); {} placeholders are filled with identifiers in Python
--- (pgfeed.queries.template). The functions called here are defined by the
--- migrations; their _vN suffix is bumped on any change, so that a reader of
--- the previous release keeps working during a rolling upgrade.
+-- what it does. %s and %(name)s are psycopg parameters (in a query run with
+-- parameters a literal percent sign is %%). {} placeholders are filled in
+-- Python through pgfeed.queries.template: with identifiers (sql.Identifier),
+-- a literal (sql.Literal), or the session_columns fragment. The functions
+-- called here are defined by pgfeed/migrations/; their _vN suffix is bumped
+-- on any change, so that a process of the previous release keeps working
+-- during a rolling upgrade.
 
 
 -- ==== The reader (pgfeed/store.py) ====
