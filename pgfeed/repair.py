@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from pgfeed.errors import PgfeedError, UsageError, translate
+from pgfeed.execute import tuples
 from pgfeed.queries import query
 
 #: The most transaction ids the repair burns by itself (about a minute); a
@@ -83,6 +84,6 @@ def repair_after_restore(conn: psycopg.Connection[Any], *, dry_run: bool = False
 
 
 def _one(conn: psycopg.Connection[Any], statement: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-    row = conn.execute(statement, params).fetchone()
+    row = tuples(conn, statement, params).fetchone()
     assert row is not None
-    return tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    return row

@@ -24,7 +24,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from pgfeed.core.health import (
     ConsumerStatus,
@@ -44,6 +43,7 @@ from pgfeed.core.health import (
 )
 from pgfeed.core.names import check_stream_name
 from pgfeed.errors import MigrationError, NotMigrated, PermissionDenied, PgfeedError, UnknownStream, translate
+from pgfeed.execute import tuples
 from pgfeed.queries import query, template
 
 Conn = psycopg.Connection[Any]
@@ -72,8 +72,8 @@ def _sessions(statement: sql.SQL) -> sql.Composed:
     return statement.format(columns=template("session_columns"))
 
 
-def _q(conn: Conn, query: str | sql.Composed, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    return conn.cursor(row_factory=tuple_row).execute(query, params).fetchall()
+def _q(conn: Conn, statement: str | sql.Composed, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    return tuples(conn, statement, params).fetchall()
 
 
 def _error(exc: psycopg.Error, doing: str) -> PgfeedError:
