@@ -34,8 +34,8 @@ def code_state() -> str:
         return r.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = git("status", "--porcelain", "--", "pgfeed", "migrations")
-    return commit + (" (with uncommitted changes to pgfeed/ or migrations/)" if dirty else "")
+    dirty = git("status", "--porcelain", "--", "pgfeed")
+    return commit + (" (with uncommitted changes to pgfeed/)" if dirty else "")
 
 
 def render(server: Any, cfg: h.Config, sections: list[h.Section], errors: dict[str, str], started: str) -> str:

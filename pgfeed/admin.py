@@ -13,6 +13,7 @@ from psycopg import sql
 from pgfeed.core.names import check_stream_name, format_qualified_table
 from pgfeed.errors import PermissionDenied, PgfeedError, StreamExists, UnknownStream, UsageError, translate
 from pgfeed.execute import tuples
+from pgfeed.queries import query, template
 
 Conn = psycopg.Connection[Any]
 NotifyMode = Literal["ticker", "immediate", "poll"]
@@ -46,7 +47,7 @@ def stream_id(conn: Conn, name: str) -> int:
     """The id of stream ``name``; :class:`UnknownStream` if there is none."""
     check_stream_name(name)
     try:
-        row = tuples(conn, "SELECT id FROM pgfeed.streams WHERE name = %s", (name,)).fetchone()
+        row = tuples(conn, query("stream_id"), (name,)).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, f"looking up stream {name!r}") from None
     if row is None:
@@ -69,13 +70,10 @@ def create_stream(
     try:
         with conn.transaction():
             if fresh:
-                # create_stream_v2 takes a tick, at READ COMMITTED whatever the session's default.
-                tuples(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            if tuples(conn, "SELECT 1 FROM pgfeed.streams WHERE name = %s", (name,)).fetchone():
+                tuples(conn, query("set_transaction_read_committed"))
+            if tuples(conn, query("stream_id"), (name,)).fetchone():
                 raise StreamExists(f"stream {name!r} already exists; nothing changed")
-            row = tuples(
-                conn, "SELECT pgfeed.create_stream_v2(%s, %s, %s)", (name, max_payload_bytes, notify_mode)
-            ).fetchone()
+            row = tuples(conn, query("create_stream"), (name, max_payload_bytes, notify_mode)).fetchone()
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
         raise StreamExists(f"stream {name!r} already exists; nothing changed") from None
     except psycopg.Error as exc:
@@ -86,7 +84,7 @@ def create_stream(
 
 def _head(conn: Conn) -> int:
     """The newest tick (read-only: ticks are the ticker's business)."""
-    row = tuples(conn, "SELECT coalesce(max(id), 0) FROM pgfeed.ticks").fetchone()
+    row = tuples(conn, query("head_tick_id")).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -96,17 +94,10 @@ def list_streams(conn: Conn) -> list[StreamInfo]:
     position token covering every row committed when the list was taken."""
     try:
         head = str(_head(conn))
-        streams = tuples(
-            conn, "SELECT id, name, notify_mode, max_payload_bytes FROM pgfeed.streams ORDER BY name"
-        ).fetchall()
+        streams = tuples(conn, query("list_streams")).fetchall()
         result = []
         for sid, name, mode, max_bytes in streams:
-            count, last = tuples(
-                # Through the parent table: readers may read it, not the partitions.
-                conn,
-                "SELECT count(*), max(created_at)::text FROM pgfeed.events WHERE stream_id = %s",
-                (sid,),
-            ).fetchone() or (0, None)
+            count, last = tuples(conn, query("stream_rows"), (sid,)).fetchone() or (0, None)
             result.append(StreamInfo(name, sid, int(count), head, last, mode, max_bytes))
         return result
     except psycopg.Error as exc:
@@ -119,15 +110,15 @@ def drop_stream(conn: Conn, name: str) -> list[str]:
     check_stream_name(name)
     try:
         with conn.transaction():
-            row = tuples(conn, "SELECT id FROM pgfeed.streams WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = tuples(conn, query("lock_stream"), (name,)).fetchone()
             if row is None:
                 raise UnknownStream(f"unknown stream {name!r}: nothing dropped")
             sid = int(row[0])
             captured = _captured_tables(conn, sid)
             for schema, table in captured:
                 _drop_capture(conn, sid, _table_oid(conn, schema, table)[0])
-            conn.execute(sql.SQL("DROP TABLE {}").format(_partition(sid)))
-            conn.execute("DELETE FROM pgfeed.streams WHERE id = %s", (sid,))
+            conn.execute(template("drop_partition").format(_partition(sid)))
+            conn.execute(query("delete_stream"), (sid,))
     except PgfeedError:
         raise
     except psycopg.Error as exc:
@@ -136,17 +127,19 @@ def drop_stream(conn: Conn, name: str) -> list[str]:
 
 
 def _role_exists(conn: Conn, role: str) -> None:
-    if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+    if not conn.execute(query("role_exists"), (role,)).fetchone():
         raise UsageError(f"unknown role {role!r}: create it first (CREATE ROLE ...)")
 
 
 def _record_grant(conn: Conn, role: str, kind: str, sid: int | None) -> None:
     """Remember a grant (by role oid) so that streams created later inherit "all streams" grants."""
-    conn.execute(
-        "INSERT INTO pgfeed.role_grants (role_oid, kind, stream_id)"
-        " SELECT oid, %s, %s FROM pg_roles WHERE rolname = %s ON CONFLICT DO NOTHING",
-        (kind, sid, role),
-    )
+    conn.execute(query("record_grant"), (kind, sid, role))
+
+
+def _grant(conn: Conn, role: sql.Identifier, *grants: sql.SQL) -> None:
+    """Run GRANT templates (``... TO {}``) for ``role``, in order."""
+    for grant in grants:
+        conn.execute(grant.format(role))
 
 
 def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> None:
@@ -160,31 +153,21 @@ def grant_writer(conn: Conn, role: str, streams: list[str] | None = None) -> Non
     try:
         with conn.transaction():
             _role_exists(conn, role)
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
-            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.streams TO {}").format(r))
-            conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE pgfeed.event_seq TO {}").format(r))
-            # append_v2 inserts through the parent table; the events_append
-            # policy limits it to the granted streams.
-            conn.execute(sql.SQL("GRANT INSERT (stream_id, key, payload) ON pgfeed.events TO {}").format(r))
-            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.role_grants TO {}").format(r))
-            conn.execute(
-                sql.SQL(
-                    "GRANT EXECUTE ON FUNCTION pgfeed.append_v2(text, jsonb, text),"
-                    " pgfeed.append_many_v2(text, jsonb[], text[]), pgfeed.append(text, jsonb, text),"
-                    " pgfeed.append_many(text, jsonb[], text[]), pgfeed.invalidate_v2(text, text[]),"
-                    " pgfeed.commit_token_v2(), pgfeed.commit_token(),"
-                    # The previous release's writers, during a rolling upgrade.
-                    " pgfeed.append_v1(text, jsonb, text), pgfeed.append_many_v1(text, jsonb[], text[]),"
-                    " pgfeed.invalidate_v1(text, text[]), pgfeed.tick_v1() TO {}"
-                ).format(r)
+            _grant(
+                conn,
+                r,
+                template("grant_schema_usage"),
+                template("grant_writer_streams"),
+                template("grant_writer_sequence"),
+                template("grant_writer_events"),
+                template("grant_writer_role_grants"),
+                template("grant_writer_functions"),
             )
             targets = (
-                ids
-                if ids is not None
-                else [int(row[0]) for row in conn.execute("SELECT id FROM pgfeed.streams").fetchall()]
+                ids if ids is not None else [int(row[0]) for row in tuples(conn, query("all_stream_ids")).fetchall()]
             )
             for sid in targets:
-                conn.execute(sql.SQL("GRANT INSERT (key, payload) ON {} TO {}").format(_partition(sid), r))
+                conn.execute(template("grant_writer_partition").format(_partition(sid), r))
             for sid_or_all in ids if ids is not None else [None]:
                 _record_grant(conn, role, "writer", sid_or_all)
     except PgfeedError:
@@ -204,18 +187,13 @@ def grant_reader(conn: Conn, role: str) -> None:
     try:
         with conn.transaction():
             _role_exists(conn, role)
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
-            conn.execute(
-                sql.SQL("GRANT SELECT ON pgfeed.streams, pgfeed.ticks, pgfeed.events, pgfeed.ticker TO {}").format(r)
-            )
-            conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}").format(r))
-            conn.execute(
-                sql.SQL(
-                    "GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),"
-                    " pgfeed.read_live_v3(bigint, text[], bigint[], integer),"
-                    " pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),"
-                    " pgfeed.resolve_token_v2(text) TO {}"
-                ).format(r)
+            _grant(
+                conn,
+                r,
+                template("grant_schema_usage"),
+                template("grant_reader_tables"),
+                template("grant_reader_positions"),
+                template("grant_reader_functions"),
             )
             _record_grant(conn, role, "reader", None)
     except PgfeedError:
@@ -235,14 +213,12 @@ def grant_ticker(conn: Conn, role: str) -> None:
     try:
         with conn.transaction():
             _role_exists(conn, role)
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgfeed TO {}").format(r))
-            conn.execute(sql.SQL("GRANT SELECT ON pgfeed.ticker TO {}").format(r))
-            conn.execute(
-                sql.SQL(
-                    "GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean),"
-                    " pgfeed.ticker_claim_v2(text, text, integer), pgfeed.ticker_renew_v2(bigint, integer),"
-                    " pgfeed.ticker_resign_v2(bigint), pgfeed.prune_v2(interval, boolean, boolean) TO {}"
-                ).format(r)
+            _grant(
+                conn,
+                r,
+                template("grant_schema_usage"),
+                template("grant_ticker_lease"),
+                template("grant_ticker_functions"),
             )
             _record_grant(conn, role, "ticker", None)
     except PgfeedError:
@@ -265,32 +241,13 @@ def _truncate_trigger_name(sid: int) -> str:
 def _captured_tables(conn: Conn, sid: int) -> list[tuple[str, str]]:
     """(schema, table) of every table captured into stream ``sid``; the clones of
     a partitioned table's triggers on its partitions are not listed."""
-    rows = tuples(
-        conn,
-        "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0"
-        # This release's function, and the previous release's, whose triggers
-        # keep working until the table is captured again.
-        "   AND t.tgfoid IN ('pgfeed.capture_v2()'::regprocedure, 'pgfeed.capture_v1()'::regprocedure)"
-        # A partition's own TRUNCATE trigger belongs to its captured ancestor's capture.
-        "   AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a JOIN pg_trigger p"
-        "                    ON p.tgrelid = a.relid AND p.tgname = t.tgname WHERE a.relid <> c.oid)"
-        " ORDER BY 1, 2",
-        (_trigger_name(sid), _truncate_trigger_name(sid)),
-    ).fetchall()
+    rows = tuples(conn, query("captured_tables"), (_trigger_name(sid), _truncate_trigger_name(sid))).fetchall()
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
 def _tree(conn: Conn, oid: int) -> list[sql.Identifier]:
     """Table ``oid`` and, for a partitioned table, every partition below it."""
-    rows = tuples(
-        conn,
-        "SELECT n.nspname, c.relname FROM (SELECT %s::oid AS relid, 0 AS level"
-        "  UNION SELECT relid, level FROM pg_partition_tree(%s)) t"
-        " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY t.level, 1, 2",
-        (oid, oid),
-    ).fetchall()
+    rows = tuples(conn, query("table_tree"), (oid, oid)).fetchall()
     return [sql.Identifier(str(r[0]), str(r[1])) for r in rows]
 
 
@@ -298,16 +255,10 @@ def _drop_capture(conn: Conn, sid: int, oid: int) -> None:
     """Drop the triggers of the capture into stream ``sid`` from table ``oid``
     and from its partitions (TRUNCATE triggers are not cloned: each has its own;
     dropping the row trigger drops its clones)."""
-    rows = tuples(
-        conn,
-        "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE t.tgname IN (%s, %s) AND t.tgparentid = 0"
-        "   AND (t.tgrelid = %s OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(%s)))",
-        (_trigger_name(sid), _truncate_trigger_name(sid), oid, oid),
-    ).fetchall()
+    triggers = (_trigger_name(sid), _truncate_trigger_name(sid))
+    rows = tuples(conn, query("capture_triggers"), (*triggers, oid, oid)).fetchall()
     for name, schema, table in rows:
-        conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), sql.Identifier(schema, table)))
+        conn.execute(template("drop_trigger").format(sql.Identifier(name), sql.Identifier(schema, table)))
 
 
 CAPTURE_OPS = ("insert", "update", "delete", "truncate")
@@ -327,12 +278,7 @@ def _check_ops(ops: list[str] | None) -> list[str]:
 
 def _table_oid(conn: Conn, schema: str, table: str) -> tuple[int, str]:
     """The oid and relkind (``r`` table, ``p`` partitioned) of ``schema.table``."""
-    row = tuples(
-        conn,
-        "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = %s",
-        (schema, table),
-    ).fetchone()
+    row = tuples(conn, query("table_oid"), (schema, table)).fetchone()
     shown = format_qualified_table(schema, table)
     if row is None:
         raise UsageError(f"unknown table {shown}: no such table (quote names with capitals: '\"Orders\"')")
@@ -377,31 +323,15 @@ def capture(
     try:
         with conn.transaction():
             oid, kind = _table_oid(conn, schema, table)
-            attnums = {
-                str(r[0]): int(r[1])
-                for r in tuples(
-                    conn,
-                    "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
-                    (oid,),
-                ).fetchall()
-            }
+            attnums = {str(r[0]): int(r[1]) for r in tuples(conn, query("table_columns"), (oid,)).fetchall()}
             if key is None:
-                key = [
-                    str(r[0])
-                    for r in tuples(
-                        conn,
-                        "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
-                        " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
-                        " WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-                        (oid,),
-                    ).fetchall()
-                ]
+                key = [str(r[0]) for r in tuples(conn, query("primary_key"), (oid,)).fetchall()]
                 if not key:
                     raise UsageError(f"table {shown} has no primary key: name the key columns with --key a,b")
             for col in [*key, *(columns or [])]:
                 if col not in attnums:
                     raise UsageError(f"table {shown} has no column {col!r}")
-            # The arguments of pgfeed.capture_v2 (see migrations/0005_capture.sql).
+            # The arguments of pgfeed.capture_v2 (see pgfeed/migrations/0005_capture.sql).
             options = [o for o, on in (("skip_unchanged", skip_unchanged), ("partitioned", kind == "p")) if on]
             args = sql.SQL(", ").join(
                 sql.Literal(a)
@@ -418,9 +348,7 @@ def capture(
             target = sql.Identifier(schema, table)
             if row_ops:
                 conn.execute(
-                    sql.SQL(
-                        "CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW EXECUTE FUNCTION pgfeed.capture_v2({})"
-                    ).format(
+                    template("create_capture_trigger").format(
                         sql.Identifier(_trigger_name(sid)),
                         sql.SQL(" OR ").join(sql.SQL(o.upper()) for o in row_ops),
                         target,
@@ -428,14 +356,11 @@ def capture(
                     )
                 )
             if "truncate" in ops:
-                # Statement triggers are not cloned to partitions, and TRUNCATE
-                # of one partition fires only that partition's triggers.
-                for rel in _tree(conn, oid):
+                for rel in _tree(conn, oid):  # each partition has its own (see create_truncate_trigger)
                     conn.execute(
-                        sql.SQL(
-                            "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT"
-                            " EXECUTE FUNCTION pgfeed.capture_v2({})"
-                        ).format(sql.Identifier(_truncate_trigger_name(sid)), rel, args)
+                        template("create_truncate_trigger").format(
+                            sql.Identifier(_truncate_trigger_name(sid)), rel, args
+                        )
                     )
     except PgfeedError:
         raise

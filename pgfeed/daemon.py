@@ -23,6 +23,7 @@ import psycopg
 from pgfeed.connect import aconnect
 from pgfeed.errors import NotMigrated, PgfeedError, translate
 from pgfeed.log import get_logger
+from pgfeed.queries import query
 from pgfeed.ticker import Ticker
 
 log = get_logger("pgfeed.daemon")
@@ -53,7 +54,7 @@ async def check_database(conninfo: str) -> None:
     """Fail at once, in one line, on a bad DSN or an unmigrated database."""
     conn = await aconnect(conninfo, doing="starting the daemon")
     try:
-        cur = await conn.execute("SELECT to_regclass('pgfeed.ticker') IS NOT NULL")
+        cur = await conn.execute(query("has_ticker_schema"))
         row = await cur.fetchone()
         if not row or not row[0]:
             raise NotMigrated("the pgfeed schema is missing or predates the ticker: run `pgfeed migrate`")
@@ -152,8 +153,7 @@ async def _retention(conninfo: str, ticker: Ticker, options: DaemonOptions) -> N
         try:
             async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
                 cur = await conn.execute(
-                    "SELECT * FROM pgfeed.prune_v2(%s, %s)",
-                    (timedelta(seconds=options.retention), not options.prune_consumers),
+                    query("prune"), (timedelta(seconds=options.retention), not options.prune_consumers, False)
                 )
                 row = await cur.fetchone()
             if row and (row[1] or row[2]):

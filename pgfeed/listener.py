@@ -26,6 +26,7 @@ from pgfeed.core.backoff import Backoff
 from pgfeed.errors import one_line
 from pgfeed.log import get_logger
 from pgfeed.options import ReaderOptions
+from pgfeed.queries import query, template
 from pgfeed.ticker import LEASE_CHANNEL, TICKS_CHANNEL
 
 log = get_logger("pgfeed.reader")
@@ -82,7 +83,7 @@ class Listener:
                 continue
             try:
                 for channel in channels:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    await conn.execute(template("listen").format(sql.Identifier(channel)))
                 log.info("listener connected")
                 self.listening = True
                 self._came_up()
@@ -126,7 +127,7 @@ class Listener:
         a cancel request to a backend that does not answer would itself hang.
         """
         timeout = self._options.probe_timeout
-        task = asyncio.ensure_future(conn.execute("SELECT pg_notify(%s, '')", (probe,)))
+        task = asyncio.ensure_future(conn.execute(query("notify_self"), (probe,)))
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if task in done:
             task.result()

@@ -1,4 +1,4 @@
-"""Apply the numbered SQL files in ``migrations/`` under an advisory lock."""
+"""Apply the numbered SQL files in ``pgfeed/migrations/`` under an advisory lock."""
 
 from __future__ import annotations
 
@@ -14,34 +14,19 @@ from pgfeed.core.migrations import Migration, check_sequence, parse_file_name, p
 from pgfeed.errors import MigrationError, PermissionDenied, PgfeedError, translate
 from pgfeed.execute import tuples
 from pgfeed.log import get_logger
+from pgfeed.queries import query
 
 log = get_logger("pgfeed.migrate")
 
 #: Session advisory lock held while migrating ("pgfeed" + 0x0002).
 MIGRATE_LOCK = 7451287230471176194
 
-#: Creates the version table; runs in the first migration's transaction.
-BOOTSTRAP_SQL = """
-CREATE SCHEMA IF NOT EXISTS pgfeed;
-CREATE TABLE pgfeed.schema_version (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now(),
-    applied_by name NOT NULL DEFAULT current_user
-)
-"""
-
 
 def migrations_dir() -> Path:
-    """The shipped migrations: inside the wheel (``pgfeed/migrations``) or,
-    for a source checkout / editable install, ``migrations/`` at the top."""
+    """The shipped migrations, ``pgfeed/migrations`` (in the wheel and in a checkout alike)."""
     packaged = Path(str(resources.files("pgfeed"))) / "migrations"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parent.parent / "migrations"
-    if checkout.is_dir():
-        return checkout
     raise MigrationError("pgfeed's migrations directory is missing from this installation; reinstall pgfeed")
 
 
@@ -67,24 +52,24 @@ class Status:
 
 def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, tuple[str, str, str]] | None:
     """version -> (name, checksum, applied_at); ``None`` when pgfeed was never installed."""
-    row = tuples(conn, "SELECT to_regclass('pgfeed.schema_version') IS NOT NULL").fetchone()
+    row = tuples(conn, query("has_schema_version")).fetchone()
     if not row or not row[0]:
         return None
-    rows = tuples(conn, "SELECT version, name, checksum, applied_at::text FROM pgfeed.schema_version").fetchall()
+    rows = tuples(conn, query("applied_migrations")).fetchall()
     return {int(str(v)): (str(n), str(c), str(a)) for v, n, c, a in rows}
 
 
 @contextmanager
 def _migrate_lock(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
-    row = tuples(conn, "SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,)).fetchone()
+    row = tuples(conn, query("try_migrate_lock"), (MIGRATE_LOCK,)).fetchone()
     if not (row and row[0]):
         log.info("waiting for another pgfeed migrate to finish")
-        tuples(conn, "SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+        tuples(conn, query("migrate_lock"), (MIGRATE_LOCK,))
     try:
         yield
     finally:
         if not conn.closed:
-            tuples(conn, "SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+            tuples(conn, query("migrate_unlock"), (MIGRATE_LOCK,))
 
 
 def _wrap(exc: psycopg.Error, doing: str) -> PgfeedError:
@@ -132,13 +117,10 @@ def migrate(
             for m in st.pending:
                 with conn.transaction():
                     if not installed:
-                        conn.execute(BOOTSTRAP_SQL)
+                        conn.execute(query("create_schema_version"))
                         installed = True
                     conn.execute(m.sql.encode())  # a trusted file shipped with pgfeed
-                    conn.execute(
-                        "INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)",
-                        (m.version, m.name, m.checksum),
-                    )
+                    conn.execute(query("record_migration"), (m.version, m.name, m.checksum))
                 log.info("migration applied", version=m.version, name=m.name)
             if not st.pending:
                 log.info("schema up to date", version=max((v for v, _, _ in st.applied), default=0))

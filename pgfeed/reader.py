@@ -63,6 +63,7 @@ from pgfeed.invalidation import Invalidations, Invalidator
 from pgfeed.listener import Listener
 from pgfeed.log import get_logger
 from pgfeed.options import OPTION_NAMES, ReaderOptions
+from pgfeed.queries import query
 from pgfeed.ranges import RangeReader
 from pgfeed.refresher import Refresher
 from pgfeed.resolver import Resolver, Since
@@ -181,9 +182,9 @@ class AsyncReader:
             # Ticks must be durable before anything is delivered from them.
             # The reader's few queries run thousands of times: prepare them at
             # once and keep one generic plan instead of planning every call.
-            await conn.execute("SET synchronous_commit = on")
-            await conn.execute("SET default_transaction_isolation = 'read committed'")
-            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            await conn.execute(query("set_synchronous_commit_on"))
+            await conn.execute(query("set_read_committed_default"))
+            await conn.execute(query("set_generic_plans"))
             conn.prepare_threshold = 0
 
         self._pool = AsyncConnectionPool(

@@ -25,17 +25,12 @@ from typing import Any
 import psycopg
 
 from pgfeed.errors import PgfeedError, UsageError, translate
+from pgfeed.execute import tuples
+from pgfeed.queries import query
 
 #: The most transaction ids the repair burns by itself (about a minute); a
 #: bigger gap is for pg_resetwal on the stopped server.
 MAX_ADVANCE = 20_000_000
-
-_STATE = """
-SELECT pgfeed._history_break_v3(),
-       (SELECT pg_snapshot_xmax(t.snap)::text::bigint FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1),
-       pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
-       pgfeed.repair_restamp_v3(true)
-"""
 
 
 @dataclass(frozen=True)
@@ -59,7 +54,7 @@ def repair_after_restore(conn: psycopg.Connection[Any], *, dry_run: bool = False
     if not conn.autocommit:
         raise UsageError("repair_after_restore needs a connection in autocommit mode")
     try:
-        reason, tick_xmax, server_xmax, rows = _one(conn, _STATE)
+        reason, tick_xmax, server_xmax, rows = _one(conn, query("restore_state"))
     except psycopg.Error as exc:
         raise translate(exc, "checking the restored history") from None
     behind = max(0, int(tick_xmax or 0) - int(server_xmax))
@@ -75,12 +70,12 @@ def repair_after_restore(conn: psycopg.Connection[Any], *, dry_run: bool = False
         )
     try:
         if behind:
-            conn.execute("SET synchronous_commit = off")
-            conn.execute("CALL pgfeed.advance_xids_v3(%s::text::xid8)", (str(tick_xmax),))
-            conn.execute("RESET synchronous_commit")
+            conn.execute(query("set_synchronous_commit_off"))
+            conn.execute(query("advance_xids"), (str(tick_xmax),))
+            conn.execute(query("reset_synchronous_commit"))
         with conn.transaction():
-            (moved,) = _one(conn, "SELECT pgfeed.repair_restamp_v3(false)")
-        (left,) = _one(conn, "SELECT pgfeed._history_break_v3()")
+            (moved,) = _one(conn, query("repair_restamp"))
+        (left,) = _one(conn, query("history_break"))
     except psycopg.Error as exc:
         raise translate(exc, "repairing the restored history") from None
     if left is not None:
@@ -88,7 +83,7 @@ def repair_after_restore(conn: psycopg.Connection[Any], *, dry_run: bool = False
     return RepairResult(reason, behind, int(moved), True)
 
 
-def _one(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-    row = conn.execute(query, params).fetchone()
+def _one(conn: psycopg.Connection[Any], statement: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    row = tuples(conn, statement, params).fetchone()
     assert row is not None
-    return tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    return row

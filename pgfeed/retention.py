@@ -10,6 +10,7 @@ import psycopg
 
 from pgfeed.errors import UsageError, translate
 from pgfeed.execute import tuples
+from pgfeed.queries import query
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def prune(
         with conn.transaction():
             row = tuples(
                 conn,
-                "SELECT * FROM pgfeed.prune_v2(%s, %s, %s)",
+                query("prune"),
                 (timedelta(seconds=older_than_seconds), protect_consumers, dry_run),
             ).fetchone()
     except psycopg.Error as exc:

@@ -45,6 +45,7 @@ from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
 from pgfeed.errors import PgfeedError, UsageError, one_line
 from pgfeed.log import get_logger
+from pgfeed.queries import query
 from pgfeed.reader import AsyncReader, Batch, Subscription
 
 log = get_logger("pgfeed.run")
@@ -297,7 +298,7 @@ async def _heartbeats(conninfo: str, options: RunOptions) -> None:
             try:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
-                await conn.execute("SELECT pgfeed.consumer_heartbeat_v2(%s, %s)", (options.consumer, options.stream))
+                await conn.execute(query("consumer_heartbeat"), (options.consumer, options.stream))
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
                 log.warning("consumer heartbeats off: this role or schema cannot send them", error=_one_line(exc))
                 return

@@ -24,7 +24,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from pgfeed.core.health import (
     ConsumerStatus,
@@ -44,6 +43,8 @@ from pgfeed.core.health import (
 )
 from pgfeed.core.names import check_stream_name
 from pgfeed.errors import MigrationError, NotMigrated, PermissionDenied, PgfeedError, UnknownStream, translate
+from pgfeed.execute import tuples
+from pgfeed.queries import query, template
 
 Conn = psycopg.Connection[Any]
 
@@ -65,48 +66,14 @@ __all__ = [
     "gather",
 ]
 
-#: The horizon a session holds is the older of its snapshot's xmin and its own xid.
-_SESSION_COLUMNS = sql.SQL("""a.pid, a.datname, a.usename, a.application_name, host(a.client_addr), a.backend_start,
-       a.xact_start, a.state, a.query, a.backend_xid::text, greatest(age(a.backend_xmin), age(a.backend_xid))""")
 
-#: Open transactions holding a RowExclusiveLock on a stream's partition: they
-#: wrote to it (an INSERT routed there), or are writing.
-_WRITERS = sql.SQL("""
-SELECT l.relation::bigint, {columns}
-  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
-   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   AND l.relation = ANY (%s::oid[]) AND l.pid <> pg_backend_pid()
- ORDER BY a.xact_start NULLS LAST, l.pid
-""").format(columns=_SESSION_COLUMNS)
-
-_PGFEED_SESSIONS = sql.SQL("""
-SELECT {columns} FROM pg_stat_activity a
- WHERE a.datname = current_database() AND a.application_name LIKE 'pgfeed %%' AND a.pid <> pg_backend_pid()
- ORDER BY a.application_name, a.pid
-""").format(columns=_SESSION_COLUMNS)
-
-#: Sessions of any database (the horizon of shared catalogs is cluster-wide)
-#: holding a snapshot or an xid, in a transaction older than the threshold.
-_XMIN_SESSIONS = sql.SQL("""
-SELECT {columns} FROM pg_stat_activity a
- WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) AND a.pid <> pg_backend_pid()
-   AND coalesce(a.xact_start, a.backend_start) <= now() - make_interval(secs => %s)
- ORDER BY greatest(age(a.backend_xmin), age(a.backend_xid)) DESC LIMIT 10
-""").format(columns=_SESSION_COLUMNS)
-
-_XMIN_OTHERS = """
-SELECT 'prepared', gid || ' (owner ' || owner || ', database ' || database || ')', age(transaction),
-       extract(epoch FROM now() - prepared)::float8
-  FROM pg_prepared_xacts WHERE prepared <= now() - make_interval(secs => %s)
-UNION ALL
-SELECT 'slot', slot_name || CASE WHEN active THEN ' (active)' ELSE ' (inactive)' END, age(xmin), NULL
-  FROM pg_replication_slots WHERE xmin IS NOT NULL
-"""
+def _sessions(statement: sql.SQL) -> sql.Composed:
+    """``statement`` with its ``{columns}`` filled with a session's columns."""
+    return statement.format(columns=template("session_columns"))
 
 
-def _q(conn: Conn, query: str | sql.Composed, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    return conn.cursor(row_factory=tuple_row).execute(query, params).fetchall()
+def _q(conn: Conn, statement: str | sql.Composed, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    return tuples(conn, statement, params).fetchall()
 
 
 def _error(exc: psycopg.Error, doing: str) -> PgfeedError:
@@ -127,10 +94,10 @@ HISTORY_CHECKED = 7
 
 def schema_version(conn: Conn) -> int | None:
     """The newest applied migration; None when pgfeed is not installed."""
-    row = _q(conn, "SELECT to_regclass('pgfeed.schema_version') IS NOT NULL")
+    row = _q(conn, query("has_schema_version"))
     if not row or not row[0][0]:
         return None
-    found = _q(conn, "SELECT max(version) FROM pgfeed.schema_version")
+    found = _q(conn, query("schema_version"))
     return None if found[0][0] is None else int(found[0][0])
 
 
@@ -177,8 +144,8 @@ def gather(
     names = None if streams is None else [check_stream_name(s) for s in streams]
     try:
         with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            conn.execute("SET LOCAL jit = off")  # small reports: compiling would cost more than running
+            conn.execute(query("set_transaction_repeatable_read_only"))
+            conn.execute(query("set_local_jit_off"))
             return _gather(conn, names, thresholds, sessions)
     except psycopg.Error as exc:
         raise _error(exc, "reading pgfeed's status") from None
@@ -188,7 +155,7 @@ def _gather(conn: Conn, names: list[str] | None, thresholds: Thresholds, with_se
     version = schema_version(conn)
     if version is None:
         raise NotMigrated()
-    (trow,) = _q(conn, "SELECT * FROM pgfeed.status_ticker_v2()")
+    (trow,) = _q(conn, query("status_ticker"))
     now: datetime = trow[0]
     reference = int(str(trow[-1]))
     ticker = TickerStatus(
@@ -203,9 +170,9 @@ def _gather(conn: Conn, names: list[str] | None, thresholds: Thresholds, with_se
         head_tick=None if trow[9] is None else int(trow[9]),
         head_taken_at=trow[10],
         ticks_last_minute=int(trow[11]),
-        history_break=_q(conn, "SELECT pgfeed._history_break_v3()")[0][0] if version >= HISTORY_CHECKED else None,
+        history_break=_q(conn, query("history_break"))[0][0] if version >= HISTORY_CHECKED else None,
     )
-    srows = _q(conn, "SELECT * FROM pgfeed.status_streams_v2(%s::text[], make_interval(secs => %s))", (names, RECENT))
+    srows = _q(conn, query("status_streams"), (names, RECENT))
     found = {r[1] for r in srows}
     missing = [n for n in names or [] if n not in found]
     if missing:
@@ -239,7 +206,7 @@ def _gather(conn: Conn, names: list[str] | None, thresholds: Thresholds, with_se
     holders: list[XminHolder] = []
     if with_sessions:
         stream_list = _with_writers(conn, now, stream_list, partitions, reference, thresholds, notes)
-        session_list = [_session(r, reference) for r in _q(conn, _PGFEED_SESSIONS)]
+        session_list = [_session(r, reference) for r in _q(conn, _sessions(template("pgfeed_sessions")))]
         holders = _xmin_holders(conn, now, reference, thresholds, notes)
     consumers = _consumers(conn, names, status, session_list, thresholds)
     return replace(
@@ -262,7 +229,7 @@ def _with_writers(
     by_name = {s.name: s for s in streams}
     found: list[tuple[str, Session]] = []
     hidden = False
-    for row in _q(conn, _WRITERS, (list(partitions),)):
+    for row in _q(conn, _sessions(template("stream_writers")), (list(partitions),)):
         session = _session(row[1:], reference)
         if session.query == "<insufficient privilege>" or session.usename is None:
             hidden = True
@@ -281,7 +248,7 @@ def _with_writers(
     if pairs:
         for sid, x, n in _q(
             conn,
-            "SELECT stream_id, xid::text, row_count FROM pgfeed.status_committed_after_v2(%s::bigint[], %s::xid8[])",
+            query("status_committed_after"),
             ([p[0] for p in pairs], [str(p[1]) for p in pairs]),
         ):
             counted[(int(sid), int(x))] = int(n)
@@ -296,10 +263,10 @@ def _xmin_holders(
     conn: Conn, now: datetime, reference: int, thresholds: Thresholds, notes: list[str]
 ) -> list[XminHolder]:
     out = []
-    for row in _q(conn, _XMIN_SESSIONS, (thresholds.long_xact,)):
+    for row in _q(conn, _sessions(template("xmin_sessions")), (thresholds.long_xact,)):
         s = _session(row, reference)
         out.append(XminHolder("session", str(s.pid), s.xmin_age, age(now, s.xact_start), s))
-    for kind, name, xmin_age, seconds in _q(conn, _XMIN_OTHERS, (thresholds.long_xact,)):
+    for kind, name, xmin_age, seconds in _q(conn, query("xmin_others"), (thresholds.long_xact,)):
         out.append(XminHolder(kind, name, None if xmin_age is None else int(xmin_age), seconds))
     if any(h.session is not None and h.session.usename is None for h in out):
         notes.append("some old transactions are hidden from this role: grant it pg_monitor to see who they are")
@@ -311,7 +278,7 @@ def _consumers(
 ) -> list[ConsumerStatus]:
     out = []
     for owner, consumer, stream, token, updated, seen, seen_by, sid, created, floor, rows, oldest, taken in _q(
-        conn, "SELECT * FROM pgfeed.status_consumers_v2(%s::text[])", (names,)
+        conn, query("status_consumers"), (names,)
     ):
         reason = reset_reason(
             token, stream_exists=sid is not None, created_tick=created, floor_tick=floor, head=status.ticker.head_tick

@@ -15,6 +15,7 @@ from pgfeed.core.positions import Position, Snapshot, Tick
 from pgfeed.core.tickcache import Prefetched
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import FutureToken
+from pgfeed.queries import query
 
 
 class StoredRow(NamedTuple):
@@ -29,19 +30,6 @@ class StoredRow(NamedTuple):
 
 AConn = psycopg.AsyncConnection[Any]
 
-_TICKS = "SELECT id, snap::text, seq_lo, seq_hi, fp FROM pgfeed.ticks WHERE id >= %s AND id <= %s ORDER BY id"
-
-# One round trip: the stream's floor and the interval's rows in seq order
-# (pgfeed.interval_rows_v2). The floor is read in the same snapshot as the
-# rows: if a prune committed before that snapshot the floor says so; if
-# after, the rows are whole.
-_ROWS = """
-SELECT r.*, f.floor_tick
-  FROM (SELECT floor_tick FROM pgfeed.streams WHERE id = %(sid)s) f
-  LEFT JOIN LATERAL pgfeed.interval_rows_v2(
-      %(sid)s, %(a)s::pg_snapshot, %(a_lo)s, %(b)s::pg_snapshot, %(b_hi)s, %(after)s, %(limit)s) r ON true
-"""
-
 
 def _tick(i: Any, snap: str, lo: Any, hi: Any, fp: Any) -> Tick:
     return Tick(int(i), Snapshot.parse(snap), _int(lo), _int(hi), _int(fp))
@@ -49,9 +37,6 @@ def _tick(i: Any, snap: str, lo: Any, hi: Any, fp: Any) -> Tick:
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-_READ_LIVE = "SELECT * FROM pgfeed.read_live_v3(%s, %s::text[], %s::bigint[], %s::integer)"
 
 
 #: ``known`` for a reader that has no head yet: no tick list, just the head.
@@ -77,7 +62,7 @@ async def read_live(
     newest one (when that is ``known + 1``), the rows of that interval (at most
     ``limit + 1``) with the stream's floor. Reads only."""
     cur = await conn.execute(
-        _READ_LIVE, (NO_TICKS if known is None else known, list(streams), list(after_ticks), limit), binary=True
+        query("read_live"), (NO_TICKS if known is None else known, list(streams), list(after_ticks), limit), binary=True
     )
     found = await cur.fetchall()
     ticks: list[Tick] = []
@@ -114,10 +99,7 @@ class SavedPosition(NamedTuple):
 
 async def load_position(conn: AConn, consumer: str, stream: str) -> SavedPosition | None:
     """The position saved by this role for ``consumer`` on ``stream``, if any."""
-    cur = await conn.execute(
-        "SELECT token, tick_fp FROM pgfeed.positions WHERE owner = current_user AND consumer = %s AND stream = %s",
-        (consumer, stream),
-    )
+    cur = await conn.execute(query("load_position"), (consumer, stream))
     row = await cur.fetchone()
     return SavedPosition(str(row[0]), _int(row[1])) if row else None
 
@@ -126,17 +108,12 @@ async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, Save
     """Upsert ``(consumer, stream, position)`` rows for this role, in one transaction."""
     async with conn.transaction():
         for consumer, stream, saved in rows:
-            await conn.execute(
-                "INSERT INTO pgfeed.positions (consumer, stream, token, tick_fp) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (owner, consumer, stream) DO UPDATE"
-                " SET token = excluded.token, tick_fp = excluded.tick_fp, updated_at = now()",
-                (consumer, stream, saved.token, saved.tick_fp),
-            )
+            await conn.execute(query("save_position"), (consumer, stream, saved.token, saved.tick_fp))
 
 
 async def head_tick_id(conn: AConn) -> int:
     """The newest tick's id (0 before the first tick)."""
-    cur = await conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks")
+    cur = await conn.execute(query("head_tick_id"))
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
@@ -145,7 +122,7 @@ async def resolve_token(conn: AConn, token: str) -> int | None:
     """The newest tick's id if it covers commit token ``token`` (see
     ``pgfeed.resolve_token_v2``), else None; FutureToken for a token from the future."""
     try:
-        cur = await conn.execute("SELECT pgfeed.resolve_token_v2(%s)", (token,))
+        cur = await conn.execute(query("resolve_token"), (token,))
         row = await cur.fetchone()
     except (psycopg.errors.InvalidParameterValue, psycopg.errors.RaiseException) as exc:
         if "in the future" in str(exc) or "beyond anything" in str(exc):
@@ -156,32 +133,18 @@ async def resolve_token(conn: AConn, token: str) -> int | None:
 
 async def snapshot_token(conn: AConn) -> CommitToken:
     """A commit token covering every transaction that has ended so far."""
-    cur = await conn.execute("SELECT 's' || pg_current_snapshot()::text")
+    cur = await conn.execute(query("snapshot_token"))
     row = await cur.fetchone()
     token = CommitToken.parse(str(row[0])) if row else None
     assert token is not None
     return token
 
 
-# What a position token's tick is, in one snapshot: its fingerprint, and for
-# a partial token whether the stream has a row with that seq in the tick's
-# interval (visible in tick n, not in tick n - 1), with the stream's floor.
-_TICK_FACTS = """
-SELECT t.id IS NOT NULL, t.fp,
-       %(seq)s::bigint IS NOT NULL AND EXISTS (
-           SELECT FROM pgfeed.events e JOIN pgfeed.ticks a ON a.id = t.id - 1
-            WHERE e.stream_id = %(sid)s AND e.seq = %(seq)s
-              AND pg_visible_in_snapshot(e.xid, t.snap) AND NOT pg_visible_in_snapshot(e.xid, a.snap)),
-       (SELECT s.floor_tick FROM pgfeed.streams s WHERE s.id = %(sid)s)
-  FROM (VALUES (1)) one LEFT JOIN pgfeed.ticks t ON t.id = %(tick)s
-"""
-
-
 async def tick_facts(conn: AConn, stream_id: int, pos: Position) -> TickFacts:
     """What the database holds of tick ``pos.tick`` for a token of stream
     ``stream_id`` at ``pos`` (see :func:`pgfeed.core.cursor.prove_token`)."""
     seq = None if pos.complete else pos.seq
-    cur = await conn.execute(_TICK_FACTS, {"sid": stream_id, "seq": seq, "tick": pos.tick})
+    cur = await conn.execute(query("tick_facts"), {"sid": stream_id, "seq": seq, "tick": pos.tick})
     row = await cur.fetchone()
     assert row is not None
     exists, fp, names_row, floor = row
@@ -190,7 +153,7 @@ async def tick_facts(conn: AConn, stream_id: int, pos: Position) -> TickFacts:
 
 async def fetch_ticks(conn: AConn, first: int, last: int) -> list[Tick]:
     """Ticks ``first..last`` inclusive, ascending."""
-    cur = await conn.execute(_TICKS, (first, last))
+    cur = await conn.execute(query("fetch_ticks"), (first, last))
     return [_tick(*row) for row in await cur.fetchall()]
 
 
@@ -201,7 +164,7 @@ async def fetch_rows(
     ``(start, end]``; and the stream's floor tick as of that read (None if the
     stream no longer exists)."""
     cur = await conn.execute(
-        _ROWS,
+        query("fetch_rows"),
         {
             "sid": stream_id,
             "a": str(start.snapshot),

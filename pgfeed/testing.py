@@ -44,6 +44,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from pgfeed.migrator import migrate
+from pgfeed.queries import query, template
 
 
 class TestServerError(Exception):
@@ -245,7 +246,7 @@ def start_test_server() -> TestServer:
         local = LocalServer(bin_dir)
         server = TestServer(local.start(), f"local server from {bin_dir}", _local=local)
     with psycopg.connect(server.dsn, autocommit=True) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
+        row = conn.execute(query("server_version")).fetchone()
         server.version = str(row[0]) if row else "?"
     return server
 
@@ -312,7 +313,7 @@ def pgfeed_template(pgfeed_server: TestServer) -> str:
     """Name of a database with pgfeed migrated, cloned for every test."""
     name = f"pgfeed_template_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(template("create_database").format(sql.Identifier(name)))
     with psycopg.connect(pgfeed_server.dsn_for(name), autocommit=True) as conn:
         migrate(conn)
     return name
@@ -323,9 +324,7 @@ def pgfeed_dsn(pgfeed_server: TestServer, pgfeed_template: str) -> Iterator[str]
     """DSN of a fresh database cloned from the migrated template."""
     name = f"pgfeed_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pgfeed_server.dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(pgfeed_template))
-        )
+        conn.execute(template("clone_database").format(sql.Identifier(name), sql.Identifier(pgfeed_template)))
     yield pgfeed_server.dsn_for(name)
     drop_database(pgfeed_server, name)
 
@@ -335,7 +334,7 @@ def drop_database(server: TestServer, name: str) -> None:
     for _ in range(3):
         try:
             with psycopg.connect(server.dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                conn.execute(template("drop_database").format(sql.Identifier(name)))
             return
         except psycopg.OperationalError:
             time.sleep(1)  # the server may be restarting

@@ -51,11 +51,13 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
 from pgfeed.connect import connect_error, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import NotMigrated, PgfeedError, UsageError, one_line, translate
 from pgfeed.log import get_logger
+from pgfeed.queries import query, template
 
 log = get_logger("pgfeed.ticker")
 
@@ -189,7 +191,7 @@ class Ticker:
             return
         try:
             async with asyncio.timeout(5), self._short_connection() as c:
-                await c.execute("SELECT pgfeed.ticker_resign_v2(%s)", (term,))
+                await c.execute(query("ticker_resign"), (term,))
             log.info("ticker resigned", term=term)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             log.warning("ticker could not resign; the lease expires on its own", term=term, error=one_line(exc))
@@ -213,13 +215,15 @@ class Ticker:
         try:
             # A tick is durable before anyone is told of it; a statement that
             # hangs (lock, half-open link) is cut before the lease runs out.
-            await conn.execute("SET synchronous_commit = on")
-            await conn.execute("SET default_transaction_isolation = 'read committed'")
-            await conn.execute(f"SET statement_timeout = {max(1, int(self.lease * 1000 / 3))}")
-            await conn.execute("SET application_name = 'pgfeed ticker'")
+            await conn.execute(query("set_synchronous_commit_on"))
+            await conn.execute(query("set_read_committed_default"))
+            await conn.execute(
+                template("set_statement_timeout").format(sql.Literal(max(1, int(self.lease * 1000 / 3))))
+            )
+            await conn.execute(query("set_application_name_ticker"))
             conn.prepare_threshold = 0
             for channel in (WAKE_CHANNEL, LEASE_CHANNEL):
-                await conn.execute(f"LISTEN {channel}")
+                await conn.execute(template("listen").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             await conn.close()
             if isinstance(exc, psycopg.OperationalError):
@@ -271,7 +275,7 @@ class Ticker:
     async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         row = await self._one(
             conn,
-            "SELECT term FROM pgfeed.ticker_claim_v2(%s, %s, %s)",
+            query("ticker_claim"),
             (self.holder, self.kind, int(self.lease * 1000)),
         )
         if row is None:
@@ -283,7 +287,7 @@ class Ticker:
 
     async def _renew(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         assert self.term is not None
-        row = await self._one(conn, "SELECT pgfeed.ticker_renew_v2(%s, %s)", (self.term, int(self.lease * 1000)))
+        row = await self._one(conn, query("ticker_renew"), (self.term, int(self.lease * 1000)))
         if row is None or not row[0]:
             self._lost("another ticker took the lease")
             return False
@@ -295,7 +299,7 @@ class Ticker:
         started = loop.time()
         self.stats.checks += 1
         try:
-            row = await self._one(conn, "SELECT id FROM pgfeed.tick_v2(%s)", (self.term,))
+            row = await self._one(conn, query("tick"), (self.term,))
         except _Superseded:
             self._lost("another ticker took the lease")
             return False
@@ -309,10 +313,10 @@ class Ticker:
             self.on_tick(int(row[0]))
         return True
 
-    async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: tuple[Any, ...]) -> Any:
+    async def _one(self, conn: psycopg.AsyncConnection[Any], statement: str, params: tuple[Any, ...]) -> Any:
         try:
             async with asyncio.timeout(self.lease / 3 + 1):
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(statement, params)
                 return await cur.fetchone()
         except TimeoutError:
             _shutdown(conn)

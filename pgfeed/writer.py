@@ -19,6 +19,7 @@ from psycopg.rows import tuple_row
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import CommitTokenUnavailable, PayloadError, PermissionDenied, PgfeedError, UsageError, translate
+from pgfeed.queries import query
 
 _Query = tuple[str, tuple[Any, ...], str]
 
@@ -46,7 +47,7 @@ def _append_query(stream: str, payload: Any, key: str | None) -> _Query:
     check_stream_name(stream)
     _check_key(key)
     return (
-        "SELECT pgfeed.append_v2(%s, %s::jsonb, %s)",
+        query("append"),
         (stream, encode_payload(payload), key),
         f"appending to {stream!r}",
     )
@@ -62,7 +63,7 @@ def _append_many_query(stream: str, payloads: Sequence[Any], keys: Sequence[str 
         for k in keys:
             _check_key(k)
     return (
-        "SELECT pgfeed.append_many_v2(%s, %s::text[]::jsonb[], %s::text[])",
+        query("append_many"),
         (stream, [encode_payload(p) for p in payloads], list(keys) if keys is not None else None),
         f"appending to {stream!r}",
     )
@@ -74,7 +75,7 @@ def _invalidate_query(cache_name: str, keys: Sequence[str] | None) -> _Query:
     if isinstance(keys, str):
         raise UsageError("keys must be a sequence of strings (or None for the whole cache), not a single string")
     return (
-        "SELECT pgfeed.invalidate_v2(%s, %s::text[])",
+        query("invalidate"),
         (cache_name, [str(k) for k in keys] if keys is not None else None),
         f"invalidating cache {cache_name!r}",
     )
@@ -162,9 +163,6 @@ def invalidate(conn: Any, cache_name: str, keys: Sequence[str] | None) -> Any:
     return _run(conn, _invalidate_query(cache_name, keys))
 
 
-_COMMIT_TOKEN_QUERY = "SELECT pgfeed.commit_token_v2()"  # noqa: S105  # a query, not a password
-
-
 @overload
 def commit_token(conn: psycopg.AsyncConnection[Any]) -> Awaitable[CommitToken]: ...
 @overload
@@ -197,7 +195,7 @@ def commit_token(conn: Any) -> Any:
     if isinstance(conn, psycopg.AsyncConnection):
         return _commit_token_async(conn)
     try:
-        row = conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY).fetchone()
+        row = conn.cursor(row_factory=tuple_row).execute(query("commit_token")).fetchone()
         if not conn.autocommit:
             with contextlib.suppress(psycopg.Error):  # the token is had; a failure shows at the next use
                 conn.rollback()  # end the transaction the query opened, which wrote nothing
@@ -208,7 +206,7 @@ def commit_token(conn: Any) -> Any:
 
 async def _commit_token_async(conn: psycopg.AsyncConnection[Any]) -> CommitToken:
     try:
-        cur = await conn.cursor(row_factory=tuple_row).execute(_COMMIT_TOKEN_QUERY)
+        cur = await conn.cursor(row_factory=tuple_row).execute(query("commit_token"))
         row = await cur.fetchone()
         if not conn.autocommit:
             with contextlib.suppress(psycopg.Error):

@@ -42,6 +42,7 @@ from pgfeed.errors import (
     UsageError,
     translate,
 )
+from pgfeed.queries import query
 from pgfeed.reader import AsyncReader, Row
 from pgfeed.writer import append, append_many, commit_token
 from pgfeed_cli import logs
@@ -304,7 +305,8 @@ def migrate(ctx: click.Context, dry_run: bool, show_status: bool) -> None:
         if not st.pending:
             click.echo("-- nothing to apply: the schema is up to date")
         if st.pending and not st.installed:
-            click.echo(f"-- version table (in the first file's transaction)\n{migrator.BOOTSTRAP_SQL.strip()};")
+            bootstrap = query("create_schema_version")
+            click.echo(f"-- version table (in the first file's transaction)\n{bootstrap};")
         for m in st.pending:
             click.echo(f"-- {m.version:04d}_{m.name}.sql\n{m.sql}")
         return

@@ -49,6 +49,7 @@ def test_sync_entry_points(app_dsn: str, app_conn: psycopg.Connection[Any], make
     assert {s.name for s in admin.list_streams(app_conn)} >= {"caches", "orders"}
     role = make_role()
     admin.grant_writer(app_conn, role, ["orders"])
+    admin.grant_writer(app_conn, role)  # every stream, present and future
     admin.grant_reader(app_conn, role)
     with app_conn.transaction():
         assert isinstance(pgfeed.append(app_conn, "orders", {"id": 1}), int)

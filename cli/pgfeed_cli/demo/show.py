@@ -211,12 +211,11 @@ class _Demo:
     def _ticker_line(self, pids: dict[str, int]) -> str:
         """Who ticks: a daemon if one runs, else one reader's embedded ticker."""
         from pgfeed import connect
+        from pgfeed.queries import query
 
         try:
             with connect.connect(self.conninfo, doing="reading the ticker lease") as conn:
-                row = conn.execute(
-                    "SELECT holder, kind, term FROM pgfeed.ticker WHERE expires_at > clock_timestamp()"
-                ).fetchone()
+                row = conn.execute(query("ticker_lease")).fetchone()
         except Exception as exc:  # the demo goes on without this line
             return f"ticker: unknown ({one_line(exc)})"
         if row is None:
