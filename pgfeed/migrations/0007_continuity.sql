@@ -381,7 +381,9 @@ END $$;
 -- 100-200 ms every idle_interval, and past the ticker's statement timeout no
 -- check could finish, so a tick waited for an unrelated append. Here:
 -- * rows of transactions the last tick listed as running: one index probe
---   per listed xid that has ended since (few: concurrent transactions);
+--   per listed xid that has ended since (few: concurrent transactions).
+--   OFFSET 0 keeps each probe a correlated subplan: flattened into a semi
+--   join, it was planned as a hash join over every row of the partitions;
 -- * rows of transactions that got their xid after the last tick's snapshot:
 --   when nothing was appended since (cur_seq = last_hi), their seqs lie in
 --   (last_lo, last_hi] (see _insert_tick_v2), the rows appended while that
@@ -389,15 +391,29 @@ END $$;
 CREATE FUNCTION pgfeed._changed_since_v3(last_snap pg_snapshot, last_lo bigint, last_hi bigint,
                                          cur pg_snapshot, cur_seq bigint)
 RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT last_hi IS NULL OR last_lo IS NULL OR cur_seq > last_hi
-        OR EXISTS (SELECT 1 FROM pg_snapshot_xip(last_snap) x
-                    WHERE pg_visible_in_snapshot(x, cur)
-                      AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = x))
-        OR EXISTS (SELECT 1 FROM pgfeed.events e
-                    WHERE e.seq > last_lo AND e.seq <= last_hi
-                      AND e.xid >= pg_snapshot_xmax(last_snap) AND pg_visible_in_snapshot(e.xid, cur))
-$$;
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found boolean;
+BEGIN
+    IF last_hi IS NULL OR last_lo IS NULL OR cur_seq > last_hi THEN
+        RETURN true;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_snapshot_xip(last_snap) running(x_id)
+                WHERE pg_visible_in_snapshot(running.x_id, cur)
+                  AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = running.x_id OFFSET 0)) THEN
+        RETURN true;
+    END IF;
+    IF last_hi <= last_lo THEN
+        RETURN false;  -- nothing was appended while the last tick was taken
+    END IF;
+    -- With the bounds as literals: planned with unknown bounds (a generic
+    -- plan), the range may be estimated wide and every partition scanned.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.seq > %s AND e.seq <= %s'
+                   ' AND e.xid >= %L::xid8 AND pg_visible_in_snapshot(e.xid, %L::pg_snapshot))',
+                   last_lo, last_hi, pg_snapshot_xmax(last_snap), cur)
+       INTO found;
+    RETURN found;
+END $$;
 REVOKE ALL ON FUNCTION pgfeed._changed_since_v3(pg_snapshot, bigint, bigint, pg_snapshot, bigint) FROM PUBLIC;
 
 -- tick_v2 as in 0004, deciding with _changed_since_v3.
@@ -441,6 +457,7 @@ DECLARE
     head_id   bigint;
     head_snap pg_snapshot;
     head_lo   bigint;
+    pending   boolean;
     x         xid8;
     snap      pg_snapshot;
 BEGIN
@@ -475,20 +492,25 @@ BEGIN
         -- such rows were appended after the tick's seq_lo).
         IF EXISTS (SELECT 1 FROM pg_snapshot_xip(head_snap) running(x_id)
                     WHERE pg_visible_in_snapshot(running.x_id, snap)
-                      AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = running.x_id)) THEN
+                      AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = running.x_id OFFSET 0)) THEN
             RETURN NULL;
         END IF;
         IF pg_snapshot_xmax(snap)::text::bigint - pg_snapshot_xmax(head_snap)::text::bigint <= 10000 OR head_lo IS NULL THEN
             IF EXISTS (SELECT 1 FROM generate_series(pg_snapshot_xmax(head_snap)::text::bigint,
                                                      pg_snapshot_xmax(snap)::text::bigint - 1) g(i)
                         WHERE pg_visible_in_snapshot(i::text::xid8, snap)
-                          AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = i::text::xid8)) THEN
+                          AND EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.xid = i::text::xid8 OFFSET 0)) THEN
                 RETURN NULL;
             END IF;
-        ELSIF EXISTS (SELECT 1 FROM pgfeed.events e
-                       WHERE e.seq > head_lo AND e.xid >= pg_snapshot_xmax(head_snap)
-                         AND e.xid < pg_snapshot_xmax(snap) AND pg_visible_in_snapshot(e.xid, snap)) THEN
-            RETURN NULL;
+        ELSE
+            -- Literal bounds, as in _changed_since_v3.
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgfeed.events e WHERE e.seq > %s AND e.xid >= %L::xid8'
+                           ' AND e.xid < %L::xid8 AND pg_visible_in_snapshot(e.xid, %L::pg_snapshot))',
+                           head_lo, pg_snapshot_xmax(head_snap), pg_snapshot_xmax(snap), snap)
+               INTO pending;
+            IF pending THEN
+                RETURN NULL;
+            END IF;
         END IF;
         RETURN head_id;
     END IF;

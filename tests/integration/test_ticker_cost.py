@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
+from psycopg import sql
 from ticking import take_tick
 
 import pgfeed
@@ -29,7 +31,10 @@ def _rows_read(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> tuple[in
     return int(read), found
 
 
-def test_idle_check_and_token_resolution_probe_indexes_after_bulk_appends(pgfeed_conn: Conn) -> None:
+@pytest.mark.parametrize("plans", ["auto", "force_generic_plan"])
+def test_idle_check_and_token_resolution_probe_indexes_after_bulk_appends(pgfeed_conn: Conn, plans: str) -> None:
+    # Generic plans (what a long-lived session's cached plans become) must not scan either.
+    pgfeed_conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plans)))
     for name in ("bulk", "other"):
         admin.create_stream(pgfeed_conn, name)
     for _ in range(3):  # a few transactions of many rows each
