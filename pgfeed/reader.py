@@ -247,11 +247,17 @@ class AsyncReader:
         self._open = False
         for sub in list(self._subscriptions):
             await sub.close()
+        # Everything that moves or saves positions stops before the last save:
+        # a handler finishing its batch would move a position after it, and a
+        # periodic save cut short puts its positions back for it.
+        await stop([*self._tasks, *self._handlers.tasks])
         try:
             await self._saver.save()
         except PgfeedError as exc:
-            log.warning("could not save consumer positions on close", error=str(exc))
-        await stop([*self._tasks, *self._handlers.tasks])
+            log.warning(
+                "could not save consumer positions on close; the rows delivered since the last save come again",
+                error=str(exc),
+            )
         if self._ticker is not None:
             await self._ticker.close()
             self._ticker = None
