@@ -15,8 +15,9 @@ iterated here, not through ``on()``, so that the rules are exact:
   and the run returns (exit 0). During a retry's backoff the batch is left
   unhandled instead (it comes again next time).
 
-The reader saves the position every ``save_interval`` and on close: after a
-SIGKILL the rows handled since the last save come again (at-least-once).
+The reader saves the position every ``save_interval`` and on close (after the
+batch in hand was acknowledged): after a SIGKILL the rows handled since the
+last save come again (at-least-once).
 Its connections are named ``pgfeed reader <stream> consumer=<name>``, so
 ``pgfeed status`` shows the process as the consumer's live reader; with
 ``heartbeat`` it also calls ``pgfeed.consumer_heartbeat_v2`` every so often.
@@ -37,7 +38,6 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from pgfeed import store
 from pgfeed.aio import call
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.health import make_application_name
@@ -152,7 +152,6 @@ async def run_consumer(
         conninfo, application_name=make_application_name("reader", [options.stream], options.consumer)
     )
     stats = RunStats()
-    saved: store.SavedPosition | None = None  # stats.position, as a save writes it
     try:
         async with AsyncReader(named, batch_size=options.batch_size, save_interval=options.save_interval) as reader:
             sub = await reader.subscribe(options.stream, options.since, consumer=options.consumer)
@@ -169,12 +168,10 @@ async def run_consumer(
                     beats.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beats
-                stats.position, saved = sub.position, sub.saved
+                stats.position = sub.position
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        if saved is not None:
-            await _save_final(named, options, saved)
     log.info("consumer stopped", batches=stats.batches, rows=stats.rows, position=str(stats.position))
     return stats
 
@@ -251,25 +248,6 @@ async def _handle(
                     batch=str(batch.position),
                 )
                 return False
-
-
-async def _save_final(conninfo: str, options: RunOptions, position: store.SavedPosition) -> None:
-    """Save the delivered position once more after the reader closed.
-
-    The reader saves on close too, but a close that races its periodic save
-    in flight can cancel that save and keep an older position (more rows would
-    come again). The reader is closed, so nothing else writes this consumer's
-    row now (one process per consumer name)."""
-    try:
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
-            await store.save_positions(conn, [(options.consumer, options.stream, position)])
-    except (psycopg.Error, OSError) as exc:
-        log.warning(
-            "could not save the final position; the rows after the last save come again",
-            consumer=options.consumer,
-            position=position.token,
-            error=_one_line(exc),
-        )
 
 
 async def _acknowledge(sub: Subscription, position: Position) -> None:
