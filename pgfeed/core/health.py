@@ -21,10 +21,13 @@ from pgfeed.errors import TokenError, UsageError
 #: Consumer states, in the order a report sorts them (worst first).
 STATES = ("stalled", "reset pending", "gone", "live", "idle")
 
-#: ``application_name`` of pgfeed's sessions: ``pgfeed <kind> [<stream>,...] [consumer=<name>]``.
+#: ``application_name`` of pgfeed's sessions:
+#: ``pgfeed <kind> [pid=<pid>] [<stream>,...[,+<n>]] [consumer=<name>]``.
 APP_PREFIX = "pgfeed"
 #: PostgreSQL keeps the first NAMEDATALEN - 1 bytes of an application_name.
 APP_NAME_BYTES = 63
+#: Ends a consumer name cut to fit in an application_name.
+CUT_MARK = "\u2026"
 
 #: How long rows may wait for a tick, whoever ticks, before the ticker counts as dead (seconds).
 DEFAULT_MAX_TICK_AGE = 30.0
@@ -90,19 +93,41 @@ class AppName:
     kind: str
     streams: tuple[str, ...] = ()
     consumer: str | None = None
+    #: The process id of the program that named the session (None: not said).
+    pid: int | None = None
+    #: How many followed streams were left out to fit (``+n``).
+    more_streams: int = 0
+    #: True when the consumer name was cut to fit: :attr:`consumer` is how it begins.
+    consumer_cut: bool = False
+
+    def holds(self, consumer: str, stream: str) -> bool:
+        """Whether the session says it reads ``stream`` as ``consumer`` (an
+        empty stream list, or one that had to leave streams out, covers any)."""
+        if self.consumer is None:
+            return False
+        named = consumer.startswith(self.consumer) if self.consumer_cut else consumer == self.consumer
+        return named and (not self.streams or self.more_streams > 0 or stream in self.streams)
 
 
-def make_application_name(kind: str, streams: Sequence[str] = (), consumer: str | None = None) -> str:
-    """``pgfeed reader orders,audit consumer=billing``, cut to what PostgreSQL keeps (63 bytes)."""
-    text = f"{APP_PREFIX} {kind}"
-    if streams:
-        text += " " + ",".join(streams)
-    if consumer is not None:
-        text += f" consumer={consumer}"
-    raw = text.encode()
-    if len(raw) <= APP_NAME_BYTES:
-        return text
-    return raw[:APP_NAME_BYTES].decode(errors="ignore")
+def make_application_name(
+    kind: str, streams: Sequence[str] = (), consumer: str | None = None, *, pid: int | None = None
+) -> str:
+    """``pgfeed reader pid=4711 orders,audit consumer=billing``, within the 63
+    bytes PostgreSQL keeps: what does not fit is left out visibly, never cut
+    silently. The streams go first (the last ones become ``+n``), then the
+    consumer name is cut and ends with :data:`CUT_MARK`."""
+    head = f"{APP_PREFIX} {kind}" + ("" if pid is None else f" pid={pid}")
+    tail = "" if consumer is None else f" consumer={consumer}"
+    for shown in range(len(streams), -1, -1):
+        left_out = len(streams) - shown
+        listed = [*streams[:shown], *([f"+{left_out}"] if left_out else [])]
+        text = head + (" " + ",".join(listed) if listed else "") + tail
+        if len(text.encode()) <= APP_NAME_BYTES:
+            return text
+    assert consumer is not None  # the head alone always fits
+    text = head + (f" +{len(streams)}" if streams else "") + " consumer="
+    room = APP_NAME_BYTES - len(text.encode()) - len(CUT_MARK.encode())
+    return text + consumer.encode()[:room].decode(errors="ignore") + CUT_MARK
 
 
 def parse_application_name(name: str | None) -> AppName | None:
@@ -113,16 +138,28 @@ def parse_application_name(name: str | None) -> AppName | None:
     words = name.split(" ")
     if len(words) < 2 or words[0] != APP_PREFIX or not words[1]:
         return None
-    streams: tuple[str, ...] = ()
-    consumer = None
     rest = words[2:]
-    if rest and not rest[0].startswith("consumer="):
-        streams = tuple(s for s in rest[0].split(",") if s)
+    pid = None
+    if rest and rest[0].startswith("pid=") and rest[0][4:].isdigit():
+        pid = int(rest[0][4:])
         rest = rest[1:]
+    streams: list[str] = []
+    more = 0
+    if rest and not rest[0].startswith("consumer="):
+        for item in rest[0].split(","):
+            if item.startswith("+") and item[1:].isdigit():
+                more += int(item[1:])
+            elif item:
+                streams.append(item)
+        rest = rest[1:]
+    consumer = None
+    cut = False
     if rest and rest[0].startswith("consumer="):
         # A consumer name may hold spaces: it runs to the end.
         consumer = " ".join(rest).removeprefix("consumer=")
-    return AppName(words[1], streams, consumer or None)
+        cut = consumer.endswith(CUT_MARK)
+        consumer = consumer.removesuffix(CUT_MARK)
+    return AppName(words[1], tuple(streams), consumer or None, pid, more, cut)
 
 
 def widen_xid(xid32: int, reference: int) -> int:

@@ -117,14 +117,45 @@ def test_max_lag_refuses_what_it_cannot_read(bad: str) -> None:
 
 # -- application names and xids ---------------------------------------------------
 def test_application_names_round_trip_and_fit_in_63_bytes() -> None:
-    name = health.make_application_name("reader", ["orders", "audit"], "billing")
-    assert name == "pgfeed reader orders,audit consumer=billing"
-    assert health.parse_application_name(name) == AppName("reader", ("orders", "audit"), "billing")
+    name = health.make_application_name("reader", ["orders", "audit"], "billing", pid=4711)
+    assert name == "pgfeed reader pid=4711 orders,audit consumer=billing"
+    parsed = health.parse_application_name(name)
+    assert parsed is not None
+    assert parsed == AppName("reader", ("orders", "audit"), "billing", pid=4711)
+    assert parsed.holds("billing", "audit")
+    assert not parsed.holds("billing", "payments")
+    assert not parsed.holds("bill", "orders")
+    # Names without a pid (written by hand, or by an older pgfeed) still parse.
+    assert health.parse_application_name("pgfeed reader orders,audit consumer=billing") == AppName(
+        "reader", ("orders", "audit"), "billing"
+    )
     assert health.parse_application_name("pgfeed ticker") == AppName("ticker")
+    assert health.parse_application_name("pgfeed reader pid=7") == AppName("reader", pid=7)
     assert health.parse_application_name("pgfeed reader consumer=a b") == AppName("reader", (), "a b")
-    long = health.make_application_name("reader", [f"stream_{i}" for i in range(20)], "é" * 40)
+    assert not AppName("reader", ("orders",)).holds("billing", "orders")  # no consumer named
+
+
+def test_what_does_not_fit_in_an_application_name_is_left_out_visibly() -> None:
+    streams = [f"stream_{i}" for i in range(20)]
+    many = health.make_application_name("reader", streams, "billing", pid=4194304)
+    assert many == "pgfeed reader pid=4194304 stream_0,+19 consumer=billing"
+    parsed = health.parse_application_name(many)
+    assert parsed is not None
+    assert (parsed.streams, parsed.more_streams, parsed.consumer) == (("stream_0",), 19, "billing")
+    assert parsed.holds("billing", "stream_19")  # may be among those left out
+    # A consumer name too long for the rest is cut, marked, and matched as a prefix.
+    long = health.make_application_name("reader", ["orders"], "é" * 40, pid=1)
     assert len(long.encode()) <= 63
-    assert long.startswith("pgfeed reader stream_0,stream_1")
+    assert long.startswith("pgfeed reader pid=1 +1 consumer=éé")
+    assert long.endswith(health.CUT_MARK)
+    parsed = health.parse_application_name(long)
+    assert parsed is not None
+    assert parsed.consumer_cut
+    assert parsed.holds("é" * 40, "orders")
+    assert not parsed.holds("other", "orders")
+    for n in range(80):
+        fitted = health.make_application_name("reader", [f"s{i}" for i in range(n)], "c" * n, pid=99999)
+        assert len(fitted.encode()) <= 63, fitted
 
 
 @pytest.mark.parametrize("other", [None, "", "psql", "pgfeed", "pgfeedish reader", "pgfeed-victim"])
