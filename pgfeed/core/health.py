@@ -294,6 +294,40 @@ class ConsumerStatus:
 
 
 @dataclass(frozen=True)
+class ReaderPosition:
+    """A saved consumer that a live reader holds: where it is, how far behind."""
+
+    consumer: str
+    stream: str
+    token: str
+    lag_rows: int | None
+    lag_seconds: float | None
+    state: str
+
+
+@dataclass(frozen=True)
+class LiveReader:
+    """A process following streams now, as its sessions' application names say
+    (see :func:`make_application_name`)."""
+
+    #: Its process id on its host (None: its sessions' names do not say).
+    pid: int | None
+    #: Its client address (None: a local socket, or hidden from this role).
+    host: str | None
+    usename: str | None
+    application_names: tuple[str, ...]
+    streams: tuple[str, ...]
+    #: How many more streams it follows than :attr:`streams` (left out of its names to fit).
+    more_streams: int
+    #: The consumers its names carry (a cut name ends with :data:`CUT_MARK`).
+    consumers: tuple[str, ...]
+    #: The pids of its backends.
+    backends: tuple[int, ...]
+    #: The saved consumers it holds, with their position and lag.
+    positions: tuple[ReaderPosition, ...] = ()
+
+
+@dataclass(frozen=True)
 class XminHolder:
     """Something holding back the xmin horizon (vacuum of pruned rows, the
     lease and position rows): an old transaction, a prepared transaction or a
@@ -328,6 +362,41 @@ class Status:
     @property
     def pending_rows(self) -> int:
         return sum(s.pending_rows for s in self.streams)
+
+
+def live_readers(status: Status) -> list[LiveReader]:
+    """The reader sessions grouped by process: by the pid their names carry
+    (by name when they carry none), client address and user."""
+    groups: dict[tuple[str | None, str | None, int | str | None], list[tuple[Session, AppName]]] = {}
+    for s in status.sessions:
+        app = s.app
+        if app is not None and app.kind == "reader":
+            who = app.pid if app.pid is not None else s.application_name
+            groups.setdefault((s.client_addr, s.usename, who), []).append((s, app))
+    out = []
+    for (host, user, _), members in groups.items():
+        apps = [app for _, app in members]
+        backends = {s.pid for s, _ in members}
+        out.append(
+            LiveReader(
+                pid=apps[0].pid,
+                host=host,
+                usename=user,
+                application_names=tuple(sorted({s.application_name or "" for s, _ in members})),
+                streams=tuple(sorted({stream for app in apps for stream in app.streams})),
+                more_streams=max(app.more_streams for app in apps),
+                consumers=tuple(
+                    sorted({app.consumer + (CUT_MARK if app.consumer_cut else "") for app in apps if app.consumer})
+                ),
+                backends=tuple(sorted(backends)),
+                positions=tuple(
+                    ReaderPosition(c.consumer, c.stream, c.token, c.lag_rows, c.lag_seconds, c.state)
+                    for c in status.consumers
+                    if any(h.pid in backends for h in c.held_by)
+                ),
+            )
+        )
+    return sorted(out, key=lambda r: (r.host or "", r.pid or 0, r.backends))
 
 
 # -- decisions --------------------------------------------------------------
@@ -638,13 +707,7 @@ def format_text(status: Status, thresholds: Thresholds) -> str:
     else:
         out.append("consumers: none saved")
     out.append("")
-    readers = status.readers
-    out.append(f"live readers: {len(readers)} sessions named 'pgfeed reader ...'")
-    groups: dict[tuple[str, str], list[int]] = {}
-    for s in readers:
-        groups.setdefault((s.application_name or "", s.client_addr or "local"), []).append(s.pid)
-    for (app, addr), pids in sorted(groups.items()):
-        out.append(f"  {app} from {addr}: pids {', '.join(map(str, sorted(pids)))}")
+    out += format_live_readers(status)
     writers = [w for s in status.streams for w in s.writers]
     if writers:
         out.append("")
@@ -669,6 +732,28 @@ def format_text(status: Status, thresholds: Thresholds) -> str:
     for note in status.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def format_live_readers(status: Status) -> list[str]:
+    """The live readers: one line per process and saved consumer it holds."""
+    readers = live_readers(status)
+    if not readers:
+        return ["live readers: none (no session named 'pgfeed reader ...')"]
+    rows = []
+    for r in readers:
+        follows = ",".join(r.streams) + (f",+{r.more_streams}" if r.more_streams else "")
+        who = (str(r.pid) if r.pid is not None else "-", r.host or "local", r.usename or "-")
+        end = ",".join(map(str, r.backends))
+        for p in r.positions:
+            lag_rows, lag = ("-" if p.lag_rows is None else str(p.lag_rows), fmt_age(p.lag_seconds))
+            rows.append((*who, follows or "-", f"{p.consumer} ({p.stream})", p.token, lag_rows, lag, end))
+        if not r.positions:
+            rows.append((*who, follows or "-", ",".join(r.consumers) or "-", "-", "-", "-", end))
+    sessions = sum(len(r.backends) for r in readers)
+    return [
+        f"live readers: {len(readers)} processes, {sessions} sessions",
+        *_table(("PID", "HOST", "USER", "STREAMS", "CONSUMER", "POSITION", "LAG ROWS", "LAG", "BACKENDS"), rows),
+    ]
 
 
 def _jsonable(value: Any) -> Any:
@@ -708,7 +793,7 @@ def to_json(status: Status, thresholds: Thresholds) -> dict[str, Any]:
             last_seen_age=age(now, c.last_seen),
             max_lag=thresholds.lag_limit(c.consumer),
         )
-    doc["readers"] = len(status.readers)
+    doc["readers"] = _jsonable(live_readers(status))
     found = problems(status, thresholds)
     doc["healthy"] = not found
     doc["problems"] = found

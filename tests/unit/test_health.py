@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -300,14 +301,17 @@ def test_the_text_report_names_what_matters() -> None:
         query="SELECT pgfeed.append('orders', '{}')",
         backend_xid=9001,
     )
-    reader = Session(pid=11, application_name="pgfeed reader orders consumer=billing", client_addr="10.0.0.5")
+    app = "pgfeed reader pid=4711 orders consumer=billing"
+    reader = [Session(pid=b, application_name=app, client_addr="10.0.0.5", usename="app") for b in (12, 11)]
+    listener = Session(pid=13, application_name="pgfeed reader pid=4711", client_addr="10.0.0.5", usename="app")
+    other = Session(pid=14, application_name="pgfeed reader pid=4711 audit", client_addr="10.0.0.6")
     st = Status(
         NOW,
         6,
         LIVE,
         [stream(captures=("public.orders",), writers=(Writer("orders", blocker, 17),))],
-        [consumer(state="stalled", lag_rows=7, lag=400.0)],
-        sessions=[reader],
+        [replace(consumer(state="stalled", lag_rows=7, lag=400.0), held_by=tuple(reader))],
+        sessions=[*reader, listener, other],
     )
     text = health.format_text(st, Thresholds())
     assert "ticker: daemon 'daemon host pid 9' (backend pid 77), term 4, leading since 10m00s ago" in text
@@ -315,10 +319,59 @@ def test_the_text_report_names_what_matters() -> None:
     assert "2.00 ticks/s" in text
     assert "public.orders" in text
     assert "orders: pid 4242 (psql, alice, 10.1.2.3) idle in transaction for 5m12s, xid 9001; 17 rows" in text
-    assert "pgfeed reader orders consumer=billing from 10.0.0.5: pids 11" in text
-    assert "live readers: 1 sessions" in text
+    assert "live readers: 2 processes, 4 sessions" in text
+    lines = text.splitlines()
+    header = lines.index("live readers: 2 processes, 4 sessions") + 1
+    columns = ["PID", "HOST", "USER", "STREAMS", "CONSUMER", "POSITION", "LAG", "ROWS", "LAG", "BACKENDS"]
+    assert lines[header].split() == columns
+    # One process (its backends grouped by the pid their names carry), the consumer it holds.
+    held = ["4711", "10.0.0.5", "app", "orders", "billing", "(orders)", "50", "7", "6m40s", "11,12,13"]
+    assert lines[header + 1].split() == held
+    assert lines[header + 2].split() == ["4711", "10.0.0.6", "-", "audit", "-", "-", "-", "-", "14"]
     line = next(li for li in text.splitlines() if li.strip().startswith("billing"))
     assert line.split() == ["billing", "app", "orders", "50", "7", "6m40s", "5.0s", "-", "stalled"]
+
+
+def test_the_json_report_lists_live_readers_by_process() -> None:
+    app = "pgfeed reader pid=4711 audit,orders,+2 consumer=billing"
+    sessions = [Session(pid=b, application_name=app, client_addr="10.0.0.5", usename="app") for b in (11, 12)]
+    held = replace(consumer(lag_rows=3, lag=1.5), held_by=tuple(sessions))
+    old_style = Session(pid=21, application_name="pgfeed reader orders consumer=search")
+    st = replace(status(LIVE, consumers=[held, consumer("search")]), sessions=[*sessions, old_style])
+    doc = json.loads(json.dumps(health.to_json(st, Thresholds())))
+    assert doc["readers"] == [
+        {
+            "pid": None,
+            "host": None,
+            "usename": None,
+            "application_names": ["pgfeed reader orders consumer=search"],
+            "streams": ["orders"],
+            "more_streams": 0,
+            "consumers": ["search"],
+            "backends": [21],
+            "positions": [],
+        },
+        {
+            "pid": 4711,
+            "host": "10.0.0.5",
+            "usename": "app",
+            "application_names": [app],
+            "streams": ["audit", "orders"],
+            "more_streams": 2,
+            "consumers": ["billing"],
+            "backends": [11, 12],
+            "positions": [
+                {
+                    "consumer": "billing",
+                    "stream": "orders",
+                    "token": "50",
+                    "lag_rows": 3,
+                    "lag_seconds": 1.5,
+                    "state": "live",
+                }
+            ],
+        },
+    ]
 
 
 def test_the_json_report_is_complete_and_says_why_it_is_unhealthy() -> None:
