@@ -1,6 +1,7 @@
 """The reader's listener: one autocommit connection of its own, outside the
 pool, that LISTENs on the ticks channel (and the ticker's lease channel when
-the reader runs a ticker) and turns notifications into wake-ups.
+the reader runs a ticker) and turns notifications into wake-ups. It carries
+the reader's name (:mod:`pgfeed.naming`), renamed at connect and at each probe.
 
 A notification is only a hint: the refresher reads the newest tick itself,
 and polls when notifications stop. The connection is proven alive with a
@@ -25,6 +26,7 @@ from pgfeed.aio import Signal
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import one_line
 from pgfeed.log import get_logger
+from pgfeed.naming import SessionName
 from pgfeed.options import ReaderOptions
 from pgfeed.ticker import LEASE_CHANNEL, TICKS_CHANNEL
 
@@ -45,8 +47,10 @@ class Listener:
         options: ReaderOptions,
         on_tick: Callable[[str], None],
         on_connected: Callable[[], None],
+        name: SessionName,
     ) -> None:
         self._options = options
+        self._name = name
         self._on_tick = on_tick
         self._on_connected = on_connected
         #: Whether notifications are live now (else the refresher polls faster).
@@ -81,6 +85,7 @@ class Listener:
                 await asyncio.sleep(delay)
                 continue
             try:
+                await self._name.apply(conn)
                 for channel in channels:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 log.info("listener connected")
@@ -117,6 +122,7 @@ class Listener:
                     on_lease()
             if loop.time() >= next_probe:
                 await self._probe(conn, probe)
+                await self._name.apply(conn)  # what the reader follows may have changed
                 next_probe = loop.time() + self._options.probe_interval
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:

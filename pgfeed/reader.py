@@ -28,14 +28,16 @@ decisions in :mod:`pgfeed.core.cursor`), :mod:`pgfeed.refresher` (the newest
 tick), :mod:`pgfeed.ranges` (range reads), :mod:`pgfeed.listener` (LISTEN),
 :mod:`pgfeed.resolver` (commit tokens and "now"), :mod:`pgfeed.saver`
 (consumer positions), :mod:`pgfeed.handlers` (:meth:`AsyncReader.on`) and
-:mod:`pgfeed.invalidation` (cache invalidations).
+:mod:`pgfeed.invalidation` (cache invalidations) and :mod:`pgfeed.naming`
+(connections named after what the reader follows, for ``pgfeed status``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -62,6 +64,7 @@ from pgfeed.handlers import ErrorHook, Handler, Handlers, reached
 from pgfeed.invalidation import Invalidations, Invalidator
 from pgfeed.listener import Listener
 from pgfeed.log import get_logger
+from pgfeed.naming import SessionName
 from pgfeed.options import OPTION_NAMES, ReaderOptions
 from pgfeed.ranges import RangeReader
 from pgfeed.refresher import Refresher
@@ -72,8 +75,6 @@ from pgfeed.subscription import Batch, Feed, Row, Subscription
 from pgfeed.ticker import Ticker, TickerUnavailable
 
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
-
     from pgfeed.cache import AsyncCache
 
 log = get_logger("pgfeed.reader")
@@ -137,6 +138,7 @@ class AsyncReader:
         self._pending_callbacks: list[tuple[str, Handler, Since, str | None]] = []
         self._reset_callbacks: list[ResetCallback] = []
         self._cache_subscription: Subscription | None = None
+        self._name = SessionName()
         # The parts, wired once; each borrows pooled connections through _borrow.
         ticks: TickCache[StoredRow] = TickCache()
         self._ticks = ticks
@@ -145,7 +147,7 @@ class AsyncReader:
             self._borrow, self.options, ticks, self._ranges, self._cursors, self._history_changed
         )
         self._resolver = Resolver(self._borrow, self._refresher, ticks)
-        self._listener = Listener(self.options, self._refresher.notified, self._listener_connected)
+        self._listener = Listener(self.options, self._refresher.notified, self._listener_connected, self._name)
         self._saver = PositionSaver(self._borrow, self.options.save_interval)
         self._delivered = Signal()  # some subscription's delivered position moved
         self._handlers = Handlers(self.options.handler_retries, self._delivered.fire)
@@ -159,7 +161,7 @@ class AsyncReader:
             ticks,
             self._delivered,
             self._fire_reset,
-            self._subscriptions.discard,
+            self._subscription_closed,
         )
 
     # -- lifecycle -------------------------------------------------------
@@ -171,10 +173,11 @@ class AsyncReader:
             self._conninfo = (await asyncio.to_thread(resolve, None)).conninfo
         else:
             self._conninfo = self._conninfo_arg
-        self._conninfo = with_keepalives(self._conninfo)
+        self._conninfo = self._name.start(with_keepalives(self._conninfo))
         # One plain connection first: a wrong DSN fails at once with a clear
         # message instead of after the pool's retries.
         probe = await aconnect(self._conninfo, doing="opening the reader")
+        self._name.adopt(probe)
         await probe.close()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -207,9 +210,7 @@ class AsyncReader:
         self._pid = os.getpid()
         if self.options.ticker == "auto":
             # It follows through the pool, within max_connections; only a leader holds one more.
-            self._ticker = Ticker(
-                self._conninfo, kind="reader", lease=self.options.ticker_lease, borrow=self._pool.connection
-            )
+            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.options.ticker_lease, borrow=self._borrow)
         # The ticker has no connection to hear a resignation on while it follows: the listener does.
         on_lease = self._ticker.poke if self._ticker is not None else None
         self._tasks = [
@@ -281,10 +282,14 @@ class AsyncReader:
         if not self._open:
             raise ReaderClosed("the reader is not open: use `async with AsyncReader(...)` or call open()")
 
-    def _borrow(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-        """A pooled connection, for one query or a few (every part borrows through here)."""
+    @contextlib.asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection, for one query or a few (every part borrows
+        through here), named after what this reader follows now."""
         assert self._pool is not None, "the reader is not open"
-        return self._pool.connection()
+        async with self._pool.connection() as conn:
+            await self._name.apply(conn)
+            yield conn
 
     # -- public API ------------------------------------------------------
     async def subscribe(
@@ -318,6 +323,7 @@ class AsyncReader:
             raise UsageError(f"invalid consumer name {consumer!r}: expected 1-200 characters")
         sub = Subscription(self._feed, stream, since, until, self.options.queue_batches, consumer)
         self._subscriptions.add(sub)
+        self._name_connections()
         try:
             await sub.start()
         except BaseException:
@@ -477,6 +483,14 @@ class AsyncReader:
         return pos
 
     # -- internals --------------------------------------------------------
+    def _subscription_closed(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+        self._name_connections()
+
+    def _name_connections(self) -> None:
+        """The connections say what this reader follows now (see :mod:`pgfeed.naming`)."""
+        self._name.follow((s.stream, s.consumer) for s in self._subscriptions)
+
     def _cursors(self) -> list[Cursor]:
         return [s.cursor for s in self._subscriptions]
 

@@ -134,6 +134,11 @@ async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, Save
             )
 
 
+async def set_application_name(conn: AConn, name: str) -> None:
+    """Name the session (``pg_stat_activity.application_name``) until it ends."""
+    await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+
+
 async def head_tick_id(conn: AConn) -> int:
     """The newest tick's id (0 before the first tick)."""
     cur = await conn.execute("SELECT coalesce(max(id), 0) FROM pgfeed.ticks")
