@@ -68,6 +68,11 @@ class ReaderOptions:
     ticker_lease: float = 10.0
     """Seconds a dead embedded ticker holds the ticker lease before another process takes over."""
 
+    heartbeat: float | None = None
+    """Seconds between heartbeats of the named consumers this reader follows (``pgfeed.consumer_heartbeat_v2``:
+    ``pgfeed status`` then shows them live on a quiet stream); None (the default): none. See
+    :mod:`pgfeed.heartbeat`."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -82,6 +87,8 @@ class ReaderOptions:
                     f"pool_size {self.pool_size} does not fit in max_connections {self.max_connections} (the "
                     f"listener takes one): raise max_connections to {self.pool_size + 1} or leave pool_size unset"
                 )
+        if self.heartbeat is not None:
+            check_positive("heartbeat", self.heartbeat)
         if self.ticker not in TICKER_MODES:
             raise UsageError(
                 f"invalid ticker {self.ticker!r}: expected 'auto' (tick here when no daemon does) or 'off'"

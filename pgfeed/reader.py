@@ -61,6 +61,7 @@ from pgfeed.errors import (
     translate,
 )
 from pgfeed.handlers import ErrorHook, Handler, Handlers, reached
+from pgfeed.heartbeat import Heartbeats
 from pgfeed.invalidation import Invalidations, Invalidator
 from pgfeed.listener import Listener
 from pgfeed.log import get_logger
@@ -96,9 +97,10 @@ class AsyncReader:
 
     The options are those of :class:`~pgfeed.options.ReaderOptions` (see it
     for what each means: polling, probes, batching, ``handler_retries``, the
-    ``max_connections`` budget, the embedded ticker), given as keywords or as
-    ``options=``; keywords that differ from their default replace the fields
-    of ``options``. Every value is checked there, once.
+    ``max_connections`` budget, the embedded ticker, consumer ``heartbeat``),
+    given as keywords or as ``options=``; keywords that differ from their
+    default replace the fields of ``options``. Every value is checked there,
+    once.
 
     Use ``async with AsyncReader(...) as reader:``, in the process that uses
     it (after any fork: a reader used in a child raises
@@ -123,6 +125,7 @@ class AsyncReader:
         ticker: str = ReaderOptions.ticker,
         ticker_lease: float = ReaderOptions.ticker_lease,
         handler_retries: int = ReaderOptions.handler_retries,
+        heartbeat: float | None = ReaderOptions.heartbeat,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
@@ -220,6 +223,9 @@ class AsyncReader:
         ]
         if self._ticker is not None:
             self._tasks.append(asyncio.create_task(self._run_ticker(self._ticker), name="pgfeed-embedded-ticker"))
+        if self.options.heartbeat is not None:
+            beats = Heartbeats(self._borrow, self.options.heartbeat, self._named_consumers)
+            self._tasks.append(asyncio.create_task(beats.run(), name="pgfeed-consumer-heartbeat"))
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
         try:
@@ -490,6 +496,9 @@ class AsyncReader:
     def _name_connections(self) -> None:
         """The connections say what this reader follows now (see :mod:`pgfeed.naming`)."""
         self._name.follow((s.stream, s.consumer) for s in self._subscriptions)
+
+    def _named_consumers(self) -> list[tuple[str, str]]:
+        return [(s.consumer, s.stream) for s in self._subscriptions if s.consumer is not None]
 
     def _cursors(self) -> list[Cursor]:
         return [s.cursor for s in self._subscriptions]

@@ -134,6 +134,14 @@ async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, Save
             )
 
 
+async def consumer_heartbeats(conn: AConn, pairs: Sequence[tuple[str, str]]) -> None:
+    """``pgfeed.consumer_heartbeat_v2`` for each ``(consumer, stream)``, in one statement."""
+    await conn.execute(
+        "SELECT pgfeed.consumer_heartbeat_v2(c, s) FROM unnest(%s::text[], %s::text[]) AS t(c, s)",
+        ([consumer for consumer, _ in pairs], [stream for _, stream in pairs]),
+    )
+
+
 async def set_application_name(conn: AConn, name: str) -> None:
     """Name the session (``pg_stat_activity.application_name``) until it ends."""
     await conn.execute("SELECT set_config('application_name', %s, false)", (name,))

@@ -285,6 +285,7 @@ class Reader:
         ticker: str = ReaderOptions.ticker,
         ticker_lease: float = ReaderOptions.ticker_lease,
         handler_retries: int = ReaderOptions.handler_retries,
+        heartbeat: float | None = ReaderOptions.heartbeat,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}

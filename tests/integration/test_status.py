@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -546,6 +547,55 @@ async def test_a_reader_keeps_the_application_name_the_dsn_gives(pgfeed_dsn: str
         await _until(lambda: any("pg_notify" in q for _, q in named("billing-app")), "a probe of the listener")
         assert len(named("billing-app")) == 2
         assert named(f"pgfeed reader pid={os.getpid()}%") == []
+
+
+async def test_a_reader_sends_heartbeats_when_asked(
+    pgfeed_dsn: str, pgfeed_conn: Conn, make_role: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    pgfeed.append(pgfeed_conn, "orders", {"n": 1})
+    head = take_tick(pgfeed_conn)
+
+    def seen(consumer: str) -> tuple[Any, Any]:
+        row = pgfeed_conn.execute(
+            "SELECT seen_at, seen_by FROM pgfeed.positions WHERE consumer = %s", (consumer,)
+        ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", save_interval=0.02) as reader:
+        await reader.on("orders", lambda batch: None, consumer="billing")
+        await reader.wait_for("orders", str(head))
+        assert "pgfeed-consumer-heartbeat" not in {t.get_name() for t in asyncio.all_tasks()}  # off by default
+    assert seen("billing") == (None, None)
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", save_interval=0.02, heartbeat=0.05) as reader:
+        await reader.subscribe("orders", consumer="billing")  # resumes at the head of a quiet stream
+        await _until(lambda: seen("billing")[0] is not None, "a heartbeat")
+        first, by = seen("billing")
+        await _until(lambda: seen("billing")[0] > first, "the next heartbeat")
+        assert by.startswith(f"pgfeed reader pid={os.getpid()} orders consumer=billing @"), by
+        with psycopg.connect(pgfeed_dsn, autocommit=True) as c:
+            (billing,) = status.gather(c).consumers
+        assert (billing.state, billing.lag_rows, billing.seen_at is not None) == ("live", 0, True)
+
+    # A role that may not send them: off for good, in one warning; delivery goes on.
+    role = make_role()
+    admin.grant_reader(pgfeed_conn, role)
+    pgfeed_conn.execute(
+        sql.SQL("REVOKE EXECUTE ON FUNCTION pgfeed.consumer_heartbeat_v2(text, text) FROM {}").format(
+            sql.Identifier(role)
+        )
+    )
+    caplog.set_level(logging.INFO, logger="pgfeed")
+    dsn = make_conninfo(pgfeed_dsn, user=role)
+    async with pgfeed.AsyncReader(dsn, ticker="off", save_interval=0.02, heartbeat=0.02) as reader:
+        await reader.on("orders", lambda batch: None, consumer="search")
+        await _until(lambda: any("heartbeats off" in r.getMessage() for r in caplog.records), "the warning")
+        pgfeed.append(pgfeed_conn, "orders", {"n": 2})
+        await reader.wait_for("orders", str(take_tick(pgfeed_conn)))
+    warned = [r for r in caplog.records if "heartbeat" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert warned[0].levelno == logging.WARNING
+    assert "EXECUTE on pgfeed.consumer_heartbeat_v2" in warned[0].getMessage()
 
 
 # -- check exit codes --------------------------------------------------------------------
