@@ -40,7 +40,8 @@ class Listener:
     """LISTEN for ticks: ``on_tick(payload)`` for each tick notification,
     ``on_lease()`` for each on the lease channel (only LISTENed to when given),
     ``on_connected()`` each time LISTEN is live again (catch up then:
-    notifications may have been missed meanwhile)."""
+    notifications may have been missed meanwhile), ``on_lost()`` each time
+    its connection is lost."""
 
     def __init__(
         self,
@@ -48,9 +49,11 @@ class Listener:
         on_tick: Callable[[str], None],
         on_connected: Callable[[], None],
         name: SessionName,
+        on_lost: Callable[[], None],
     ) -> None:
         self._options = options
         self._name = name
+        self._on_lost = on_lost
         self._on_tick = on_tick
         self._on_connected = on_connected
         #: Whether notifications are live now (else the refresher polls faster).
@@ -104,6 +107,7 @@ class Listener:
                 delay = backoff.next_delay()
                 log.warning("listener lost; reconnecting", error=one_line(exc), retry_in=round(delay, 3))
                 self.listening = False
+                self._on_lost()
                 await asyncio.sleep(delay)
             finally:
                 self.listening = False

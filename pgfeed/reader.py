@@ -53,6 +53,7 @@ from pgfeed.core.tickcache import TickCache
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     FutureToken,
+    HandlerFailed,
     PgfeedError,
     ReaderClosed,
     UsageError,
@@ -76,7 +77,10 @@ from pgfeed.subscription import Batch, Feed, Row, Subscription
 from pgfeed.ticker import Ticker, TickerUnavailable
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from pgfeed.cache import AsyncCache
+    from pgfeed.metrics import ReaderMetrics
 
 log = get_logger("pgfeed.reader")
 
@@ -86,6 +90,16 @@ ResetCallback = Callable[[str, str], Any]
 #: What close() forgot in a forked child: kept referenced so that nothing in
 #: the child ever finalises the parent's connections.
 _INHERITED: list[object] = []
+
+
+def metrics_for(options: ReaderOptions) -> ReaderMetrics | None:
+    """The metrics ``options.metrics`` asks for (see
+    :func:`pgfeed.metrics.reader_metrics`); prometheus_client is imported only then."""
+    if not options.metrics:
+        return None
+    from pgfeed.metrics import reader_metrics
+
+    return reader_metrics(options.metrics)
 
 
 class AsyncReader:
@@ -126,10 +140,12 @@ class AsyncReader:
         ticker_lease: float = ReaderOptions.ticker_lease,
         handler_retries: int = ReaderOptions.handler_retries,
         heartbeat: float | None = ReaderOptions.heartbeat,
+        metrics: CollectorRegistry | bool | None = ReaderOptions.metrics,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         self.options = ReaderOptions.merge(options, given)
+        self._metrics = metrics_for(self.options)
         self._conninfo_arg = conninfo
         self._conninfo = ""
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
@@ -150,7 +166,9 @@ class AsyncReader:
             self._borrow, self.options, ticks, self._ranges, self._cursors, self._history_changed
         )
         self._resolver = Resolver(self._borrow, self._refresher, ticks)
-        self._listener = Listener(self.options, self._refresher.notified, self._listener_connected, self._name)
+        self._listener = Listener(
+            self.options, self._refresher.notified, self._listener_connected, self._name, self._listener_lost
+        )
         self._saver = PositionSaver(self._borrow, self.options.save_interval)
         self._delivered = Signal()  # some subscription's delivered position moved
         self._handlers = Handlers(self.options.handler_retries, self._delivered.fire)
@@ -165,7 +183,10 @@ class AsyncReader:
             self._delivered,
             self._fire_reset,
             self._subscription_closed,
+            self._batch_taken,
         )
+        if self._metrics is not None:
+            self._handlers.error_hooks.append(self._handler_failed)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> AsyncReader:
@@ -294,8 +315,12 @@ class AsyncReader:
         through here), named after what this reader follows now."""
         assert self._pool is not None, "the reader is not open"
         async with self._pool.connection() as conn:
-            await self._name.apply(conn)
-            yield conn
+            try:
+                await self._name.apply(conn)
+                yield conn
+            finally:
+                if conn.broken and self._metrics is not None:
+                    self._metrics.pool_reconnects.inc()  # the pool replaces it
 
     # -- public API ------------------------------------------------------
     async def subscribe(
@@ -330,6 +355,8 @@ class AsyncReader:
         sub = Subscription(self._feed, stream, since, until, self.options.queue_batches, consumer)
         self._subscriptions.add(sub)
         self._name_connections()
+        if self._metrics is not None:
+            self._metrics.track(sub)
         try:
             await sub.start()
         except BaseException:
@@ -492,6 +519,21 @@ class AsyncReader:
     def _subscription_closed(self, sub: Subscription) -> None:
         self._subscriptions.discard(sub)
         self._name_connections()
+        if self._metrics is not None:
+            self._metrics.untrack(sub)
+
+    # -- metrics (see pgfeed.metrics.ReaderMetrics), when asked for ----------
+    def _batch_taken(self, sub: Subscription, batch: Batch) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(batch, sub.consumer)
+
+    def _listener_lost(self) -> None:
+        if self._metrics is not None:
+            self._metrics.listener_reconnects.inc()
+
+    async def _handler_failed(self, stream: str, error: HandlerFailed) -> None:
+        if self._metrics is not None:
+            self._metrics.failure(stream, error)
 
     def _name_connections(self) -> None:
         """The connections say what this reader follows now (see :mod:`pgfeed.naming`)."""
@@ -515,6 +557,8 @@ class AsyncReader:
 
     async def _fire_reset(self, stream: str, reason: str) -> None:
         log.warning("reset", stream=stream, reason=reason)
+        if self._metrics is not None:
+            self._metrics.reset(stream, reason)
         for fn in self._reset_callbacks:
             try:
                 await call(fn, stream, reason)
