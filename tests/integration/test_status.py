@@ -525,7 +525,7 @@ async def test_an_embedded_reader_is_a_live_reader_in_status(pgfeed_dsn: str, pg
         user, streams = pgfeed_conn.info.user, "audit,orders"
         held = [str(me), host or "local", user, streams, "billing", "(orders)", str(head), "0", "0ms"]
         assert row == [*held, ",".join(map(str, backends))]
-    assert sessions() == {}
+    await _until(lambda: sessions() == {}, "the backends of the closed reader gone")  # they exit after close
     doc = json.loads((await _status(pgfeed_dsn, "--json")).stdout)
     assert [r for r in doc["readers"] if r["pid"] == me] == []
 
