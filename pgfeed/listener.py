@@ -1,6 +1,7 @@
 """The reader's listener: one autocommit connection of its own, outside the
 pool, that LISTENs on the ticks channel (and the ticker's lease channel when
-the reader runs a ticker) and turns notifications into wake-ups.
+the reader runs a ticker) and turns notifications into wake-ups. It carries
+the reader's name (:mod:`pgfeed.naming`), renamed at connect and at each probe.
 
 A notification is only a hint: the refresher reads the newest tick itself,
 and polls when notifications stop. The connection is proven alive with a
@@ -25,6 +26,7 @@ from pgfeed.aio import Signal
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import one_line
 from pgfeed.log import get_logger
+from pgfeed.naming import SessionName
 from pgfeed.options import ReaderOptions
 from pgfeed.queries import query, template
 from pgfeed.ticker import LEASE_CHANNEL, TICKS_CHANNEL
@@ -39,15 +41,20 @@ class Listener:
     """LISTEN for ticks: ``on_tick(payload)`` for each tick notification,
     ``on_lease()`` for each on the lease channel (only LISTENed to when given),
     ``on_connected()`` each time LISTEN is live again (catch up then:
-    notifications may have been missed meanwhile)."""
+    notifications may have been missed meanwhile), ``on_lost()`` each time
+    its connection is lost."""
 
     def __init__(
         self,
         options: ReaderOptions,
         on_tick: Callable[[str], None],
         on_connected: Callable[[], None],
+        name: SessionName,
+        on_lost: Callable[[], None],
     ) -> None:
         self._options = options
+        self._name = name
+        self._on_lost = on_lost
         self._on_tick = on_tick
         self._on_connected = on_connected
         #: Whether notifications are live now (else the refresher polls faster).
@@ -82,6 +89,7 @@ class Listener:
                 await asyncio.sleep(delay)
                 continue
             try:
+                await self._name.apply(conn)
                 for channel in channels:
                     await conn.execute(template("listen").format(sql.Identifier(channel)))
                 log.info("listener connected")
@@ -100,6 +108,7 @@ class Listener:
                 delay = backoff.next_delay()
                 log.warning("listener lost; reconnecting", error=one_line(exc), retry_in=round(delay, 3))
                 self.listening = False
+                self._on_lost()
                 await asyncio.sleep(delay)
             finally:
                 self.listening = False
@@ -118,6 +127,7 @@ class Listener:
                     on_lease()
             if loop.time() >= next_probe:
                 await self._probe(conn, probe)
+                await self._name.apply(conn)  # what the reader follows may have changed
                 next_probe = loop.time() + self._options.probe_interval
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any], probe: str) -> None:

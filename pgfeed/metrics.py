@@ -10,12 +10,14 @@ Daemon: ``pgfeed daemon --metrics-port N`` serves :class:`TickerCollector`
 lease, streams, consumers' lag, open writers; one bounded round of queries
 per scrape) on ``http://ADDR:N/metrics``.
 
-Reader (opt-in, no HTTP server unless asked)::
-
-    metrics = pgfeed.metrics.ReaderCollector(reader)  # registers in prometheus_client.REGISTRY
-    reader.on("orders", metrics.handler(handle, consumer="billing"), consumer="billing")
-    async for batch in sub: ...; metrics.observe(batch, consumer=sub.consumer)
-    metrics.serve(9108)  # only if the application exposes no registry of its own
+Reader (opt-in, no HTTP server unless asked): ``AsyncReader(dsn,
+metrics=registry)`` (or ``Reader``; ``metrics=True``: the default registry)
+registers :class:`ReaderMetrics` in the application's registry and counts
+what it delivers, resets, handler failures and reconnects by itself, with
+each subscription's position and lag. :class:`ReaderCollector` is the same
+metrics wired by hand through the public API (``observe``, ``handler``,
+``track``). To serve a registry the application exposes nowhere else:
+:func:`serve`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import inspect
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -35,7 +38,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgfeed import status as status_lib
 from pgfeed.core.health import Status, Thresholds, age
-from pgfeed.errors import PgfeedError
+from pgfeed.errors import PgfeedError, UsageError
 from pgfeed.log import get_logger
 
 log = get_logger("pgfeed.metrics")
@@ -305,29 +308,27 @@ class _ReaderLike(Protocol):
     def on_error(self, fn: Callable[[str, Any], Any]) -> None: ...
 
 
-class ReaderCollector:
-    """Opt-in metrics of a reader (:class:`~pgfeed.AsyncReader` or
-    :class:`~pgfeed.Reader`), through its public API only.
+class ReaderMetrics:
+    """A reader process's metrics: what was delivered, resets, handler
+    failures, reconnects, and the position and lag of the subscriptions it
+    tracks, read at scrape time. One implementation for both ways in:
+    ``AsyncReader(..., metrics=registry)`` (see :func:`reader_metrics`) and
+    :class:`ReaderCollector`.
 
-    ``registry``: where to register (default ``prometheus_client.REGISTRY``,
-    the application's; None: not registered). Nothing is served unless
-    :meth:`serve` is called. It reports, per stream (and consumer):
-
-    * the delivered position's tick, for every subscription passed to
-      :meth:`track` and stream passed to :meth:`watch` (``reader.position``);
-    * rows and batches delivered and the append-to-delivery latency, for the
-      batches passed to :meth:`observe` (or handled by a :meth:`handler`);
-    * resets and handler failures (``on_reset``/``on_error`` hooks).
+    Counted on the readers' event loops, collected on the scraping thread.
+    ``connections``: whether the reconnect counters are reported (a
+    :class:`ReaderCollector`, which sees only the public API, cannot count them).
     """
 
-    def __init__(self, reader: _ReaderLike, *, registry: CollectorRegistry | None = REGISTRY) -> None:
-        self._reader = reader
-        self._registry = registry
-        self._watched: set[str] = set()
-        self._tracked: list[Any] = []
+    def __init__(self, *, connections: bool) -> None:
+        self._connections = connections
         self._lock = threading.Lock()
+        self._tracked: dict[int, Any] = {}  # id(subscription) -> subscription
         self.rows = Counter(
-            "pgfeed_reader_rows_delivered", "Rows delivered to the application.", ["stream", "consumer"], registry=None
+            "pgfeed_reader_rows_delivered",
+            "Rows delivered to the application (handed to an on() handler or an iterating consumer).",
+            ["stream", "consumer"],
+            registry=None,
         )
         self.batches = Counter(
             "pgfeed_reader_batches_delivered",
@@ -337,14 +338,17 @@ class ReaderCollector:
         )
         self.latency = Histogram(
             "pgfeed_reader_delivery_latency_seconds",
-            "From a row's append (created_at, the server's clock at its transaction's start) to its delivery "
-            "(this host's clock).",
-            ["stream"],
+            "Delivery latency of each row, measured from append time: from its created_at (the server's clock at "
+            "the start of the appending transaction) to its delivery (this host's clock).",
+            ["stream", "consumer"],
             buckets=LATENCY_BUCKETS,
             registry=None,
         )
         self.resets = Counter(
-            "pgfeed_reader_resets", "Resets (continuity could not be proven).", ["stream"], registry=None
+            "pgfeed_reader_resets",
+            "Resets of subscriptions (continuity could not be proven).",
+            ["stream"],
+            registry=None,
         )
         self.failures = Counter(
             "pgfeed_reader_handler_failures",
@@ -352,35 +356,176 @@ class ReaderCollector:
             ["stream"],
             registry=None,
         )
-        reader.on_reset(self._on_reset)
-        reader.on_error(self._on_error)
-        if registry is not None:
-            registry.register(self)
+        self.listener_reconnects = Counter(
+            "pgfeed_reader_listener_reconnects",
+            "Times a reader's listener lost its connection (it reconnects with backoff).",
+            registry=None,
+        )
+        self.pool_reconnects = Counter(
+            "pgfeed_reader_pool_reconnects",
+            "Connections of a reader's read pool found broken (a lost backend); each is replaced.",
+            registry=None,
+        )
 
-    # -- what to report -----------------------------------------------------------
+    # -- what the readers report ---------------------------------------------------
+    def observe(self, batch: Any, consumer: str | None = None) -> None:
+        """Count ``batch`` as delivered to ``consumer`` and observe each row's latency."""
+        labels = (batch.stream, consumer or "")
+        self.batches.labels(*labels).inc()
+        rows = list(batch)
+        if rows:
+            self.rows.labels(*labels).inc(len(rows))
+            now = datetime.now(UTC)
+            hist = self.latency.labels(*labels)
+            for row in rows:
+                hist.observe(max(0.0, (now - row.created_at).total_seconds()))
+
+    def reset(self, stream: str, reason: str = "") -> None:
+        """A subscription of ``stream`` reset (an ``on_reset`` hook)."""
+        self.resets.labels(stream).inc()
+
+    def failure(self, stream: str, error: Any = None) -> None:
+        """An ``on()`` handler of ``stream`` stopped its subscription (an ``on_error`` hook)."""
+        self.failures.labels(stream).inc()
+
+    def track(self, subscription: Any) -> Any:
+        """Report this subscription's delivered position and lag (labelled with
+        its consumer) until :meth:`untrack`; returns it."""
+        with self._lock:
+            self._tracked[id(subscription)] = subscription
+        return subscription
+
+    def untrack(self, subscription: Any) -> None:
+        with self._lock:
+            self._tracked.pop(id(subscription), None)
+
+    # -- prometheus_client ---------------------------------------------------------
+    def describe(self) -> Iterable[Metric]:
+        return [*self._gauges(include=False), *self._counters()]
+
+    def collect(self) -> Iterable[Metric]:
+        return [*self._gauges(include=True), *self._counters()]
+
+    def _counters(self) -> list[Metric]:
+        counted: list[Counter | Histogram] = [self.rows, self.batches, self.latency, self.resets, self.failures]
+        if self._connections:
+            counted += [self.listener_reconnects, self.pool_reconnects]
+        return [family for metric in counted for family in metric.collect()]
+
+    def _positions(self) -> dict[tuple[str, str], tuple[Any, tuple[int, float] | None]]:
+        """(stream, consumer) -> the least delivered position of its tracked
+        subscriptions and the greatest lag (None: unknown)."""
+        with self._lock:
+            tracked = list(self._tracked.values())
+        found: dict[tuple[str, str], tuple[Any, tuple[int, float] | None]] = {}
+        for sub in tracked:
+            pos = sub.position
+            if pos is None:
+                continue
+            lag = sub.lag() if hasattr(sub, "lag") else None
+            key = (sub.stream, getattr(sub, "consumer", None) or "")
+            if key in found:
+                other, other_lag = found[key]
+                lags = [known for known in (lag, other_lag) if known is not None]
+                pos, lag = min(pos, other), max(lags) if lags else None
+            found[key] = (pos, lag)
+        return found
+
+    def _gauges(self, *, include: bool) -> list[GaugeMetricFamily]:
+        labels = ["stream", "consumer"]
+        position = GaugeMetricFamily(
+            "pgfeed_reader_position_tick",
+            "The tick of the delivered position (a partial position inside tick n reports n - 1).",
+            labels=labels,
+        )
+        lag_ticks = GaugeMetricFamily(
+            "pgfeed_reader_lag_ticks",
+            "Ticks between the delivered position and the newest tick this reader knows (0: caught up).",
+            labels=labels,
+        )
+        lag_seconds = GaugeMetricFamily(
+            "pgfeed_reader_lag_seconds",
+            "Seconds since this reader learned of the first tick it has not delivered (0: caught up).",
+            labels=labels,
+        )
+        if include:
+            for key, (pos, lag) in sorted(self._positions().items()):
+                position.add_metric(list(key), float(pos.covered_tick))
+                if lag is not None:
+                    lag_ticks.add_metric(list(key), float(lag[0]))
+                    lag_seconds.add_metric(list(key), lag[1])
+        return [position, lag_ticks, lag_seconds]
+
+
+#: The reader metrics of this process, one per registry, shared by every reader given that registry.
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, ReaderMetrics] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def reader_metrics(option: CollectorRegistry | bool | None) -> ReaderMetrics | None:
+    """The :class:`ReaderMetrics` a reader's ``metrics=`` option names (True:
+    ``prometheus_client.REGISTRY``; None or False: none), registered in that
+    registry the first time: every reader of the process given the same
+    registry counts into the same series."""
+    if option is None or option is False:
+        return None
+    registry = REGISTRY if option is True else option
+    with _SHARED_LOCK:
+        metrics = _SHARED.get(registry)
+        if metrics is None:
+            metrics = ReaderMetrics(connections=True)
+            _register(registry, metrics)
+            _SHARED[registry] = metrics
+        return metrics
+
+
+def _register(registry: CollectorRegistry, metrics: ReaderMetrics) -> None:
+    try:
+        registry.register(metrics)
+    except ValueError as exc:
+        raise UsageError(
+            f"cannot register a reader's metrics: {exc}: a registry takes the metrics of a reader's metrics= "
+            "or of one ReaderCollector, not both"
+        ) from None
+
+
+class ReaderCollector(ReaderMetrics):
+    """Metrics of a reader (:class:`~pgfeed.AsyncReader` or
+    :class:`~pgfeed.Reader`) wired by the application through the public API;
+    prefer ``AsyncReader(..., metrics=registry)``, which counts every batch
+    delivered, reconnects included, by itself. Use one or the other.
+
+    ``registry``: where to register (default ``prometheus_client.REGISTRY``,
+    the application's; None: not registered). Nothing is served unless
+    :meth:`serve` is called. It reports the metrics of :class:`ReaderMetrics`
+    but the reconnects, per stream (and consumer):
+
+    * the delivered position's tick and lag, for every subscription passed
+      to :meth:`track`, and the position for every stream passed to
+      :meth:`watch` (``reader.position``);
+    * rows and batches delivered and the append-to-delivery latency, for the
+      batches passed to :meth:`observe` (or handled by a :meth:`handler`);
+    * resets and handler failures (``on_reset``/``on_error`` hooks).
+    """
+
+    def __init__(self, reader: _ReaderLike, *, registry: CollectorRegistry | None = REGISTRY) -> None:
+        super().__init__(connections=False)
+        self._reader = reader
+        self._registry = registry
+        self._watched: set[str] = set()
+        if registry is not None:
+            _register(registry, self)
+        reader.on_reset(self.reset)
+        reader.on_error(self.failure)
+
     def watch(self, stream: str) -> None:
         """Report ``reader.position(stream)`` (consumer label empty)."""
         with self._lock:
             self._watched.add(stream)
 
-    def track(self, subscription: Any) -> Any:
-        """Report this subscription's delivered position (labelled with its
-        consumer); returns it, so ``sub = metrics.track(await reader.subscribe(...))``."""
-        with self._lock:
-            self._tracked.append(subscription)
-        return subscription
-
     def observe(self, batch: Any, consumer: str | None = None) -> None:
         """Count ``batch`` as delivered (call it once the application handled it)."""
-        labels = (batch.stream, consumer or "")
-        rows = list(batch)
-        self.batches.labels(*labels).inc()
-        if rows:
-            self.rows.labels(*labels).inc(len(rows))
-            now = datetime.now(UTC)
-            hist = self.latency.labels(batch.stream)
-            for row in rows:
-                hist.observe(max(0.0, (now - row.created_at).total_seconds()))
+        super().observe(batch, consumer)
         self.watch(batch.stream)
 
     def handler(self, fn: Callable[[Any], Any], consumer: str | None = None) -> Callable[[Any], Any]:
@@ -407,54 +552,17 @@ class ReaderCollector:
             raise PgfeedError("this ReaderCollector is in no registry: pass registry= to serve it")
         return serve(self._registry, port, addr)
 
-    # -- hooks ---------------------------------------------------------------------
-    def _on_reset(self, stream: str, reason: str) -> None:
-        self.resets.labels(stream).inc()
-
-    def _on_error(self, stream: str, error: Any) -> None:
-        self.failures.labels(stream).inc()
-
-    # -- prometheus_client -----------------------------------------------------------
-    def describe(self) -> Iterable[Metric]:
-        return [self._position_family(include=False), *self._counters()]
-
-    def collect(self) -> Iterable[Metric]:
-        return [self._position_family(include=True), *self._counters()]
-
-    def _counters(self) -> list[Metric]:
-        out: list[Metric] = []
-        for metric in (self.rows, self.batches, self.latency, self.resets, self.failures):
-            out.extend(metric.collect())
-        return out
-
-    def _position_family(self, *, include: bool) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(
-            "pgfeed_reader_position_tick",
-            "The tick of the delivered position (a partial position inside tick n reports n - 1).",
-            labels=["stream", "consumer"],
-        )
-        if not include:
-            return family
+    def _positions(self) -> dict[tuple[str, str], tuple[Any, tuple[int, float] | None]]:
+        found = super()._positions()
         with self._lock:
-            watched, tracked = sorted(self._watched), list(self._tracked)
-        seen: set[tuple[str, str]] = set()
-        for sub in tracked:
-            key = (sub.stream, sub.consumer or "")
-            if key not in seen and sub.position is not None:
-                seen.add(key)
-                family.add_metric(list(key), _tick_of(sub.position))
+            watched = sorted(self._watched)
         for stream in watched:
-            if (stream, "") in seen:
+            if (stream, "") in found:
                 continue
             try:
                 pos = self._reader.position(stream)
             except PgfeedError:
                 continue  # closed or forked reader: nothing to report
             if pos is not None:
-                family.add_metric([stream, ""], _tick_of(pos))
-        return family
-
-
-def _tick_of(pos: Any) -> float:
-    """The last complete tick a position covers."""
-    return float(pos.tick if pos.complete else pos.tick - 1)
+                found[(stream, "")] = (pos, None)
+        return found

@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgfeed.errors import UsageError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 TICKER_MODES = ("auto", "off")
 
@@ -68,6 +71,17 @@ class ReaderOptions:
     ticker_lease: float = 10.0
     """Seconds a dead embedded ticker holds the ticker lease before another process takes over."""
 
+    heartbeat: float | None = None
+    """Seconds between heartbeats of the named consumers this reader follows (``pgfeed.consumer_heartbeat_v2``:
+    ``pgfeed status`` then shows them live on a quiet stream); None (the default): none. See
+    :mod:`pgfeed.heartbeat`."""
+
+    metrics: CollectorRegistry | bool | None = None
+    """A ``prometheus_client.CollectorRegistry`` (the application's own) in which the reader registers its
+    metrics and counts what it delivers, reconnects, resets and its lag (``True``: the default registry;
+    None: no metrics). Readers of one process given the same registry share its series. Nothing is served;
+    see :mod:`pgfeed.metrics`."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -81,6 +95,16 @@ class ReaderOptions:
                 raise UsageError(
                     f"pool_size {self.pool_size} does not fit in max_connections {self.max_connections} (the "
                     f"listener takes one): raise max_connections to {self.pool_size + 1} or leave pool_size unset"
+                )
+        if self.heartbeat is not None:
+            check_positive("heartbeat", self.heartbeat)
+        if not (self.metrics is None or isinstance(self.metrics, bool)):
+            from prometheus_client import CollectorRegistry
+
+            if not isinstance(self.metrics, CollectorRegistry):
+                raise UsageError(
+                    f"invalid metrics {self.metrics!r}: expected a prometheus_client.CollectorRegistry, "
+                    "True (the default registry) or None"
                 )
         if self.ticker not in TICKER_MODES:
             raise UsageError(

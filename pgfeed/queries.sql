@@ -273,7 +273,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}
 GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),
  pgfeed.read_live_v3(bigint, text[], bigint[], integer),
  pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),
- pgfeed.resolve_token_v2(text) TO {}
+ pgfeed.resolve_token_v2(text), pgfeed.consumer_heartbeat_v2(text, text) TO {}
 
 -- name: grant_ticker_lease
 GRANT SELECT ON pgfeed.ticker TO {}
@@ -454,10 +454,15 @@ INSERT INTO pgfeed.schema_version (version, name, checksum) VALUES (%s, %s, %s)
 
 -- ==== Consumers run by `pgfeed run` (pgfeed/run.py), the demo (pgfeed_cli/demo) ====
 
--- name: consumer_heartbeat
--- A `pgfeed run` consumer (consumer, stream) is alive, whether or not it
--- has rows to save.
-SELECT pgfeed.consumer_heartbeat_v2(%s, %s)
+-- name: consumer_heartbeats
+-- A reader's named consumers (parallel arrays of consumer and stream) are
+-- alive, whether or not they have rows to save (heartbeat=, `pgfeed run`).
+SELECT pgfeed.consumer_heartbeat_v2(c, s) FROM unnest(%s::text[], %s::text[]) AS t(c, s)
+
+-- name: set_application_name
+-- Name this session in pg_stat_activity until it ends (a reader renames
+-- its pooled connections when its subscriptions change).
+SELECT set_config('application_name', %s, false)
 
 -- name: ticker_lease
 -- Who leads the ticker now, if anyone: holder, kind, term.

@@ -43,10 +43,9 @@ class RangeReader:
         if planned is not None:
             return planned
         steps = read_step(pos, head.id, limit, self._options.tick_window)
-        start_tick = pos.tick if pos.complete else pos.tick - 1
         self._in_flight += 1
         try:
-            return await self._drive(steps, stream_id, start_tick)
+            return await self._drive(steps, stream_id, pos.covered_tick)
         finally:
             self._in_flight -= 1
             self._done.fire()

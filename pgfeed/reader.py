@@ -28,14 +28,16 @@ decisions in :mod:`pgfeed.core.cursor`), :mod:`pgfeed.refresher` (the newest
 tick), :mod:`pgfeed.ranges` (range reads), :mod:`pgfeed.listener` (LISTEN),
 :mod:`pgfeed.resolver` (commit tokens and "now"), :mod:`pgfeed.saver`
 (consumer positions), :mod:`pgfeed.handlers` (:meth:`AsyncReader.on`) and
-:mod:`pgfeed.invalidation` (cache invalidations).
+:mod:`pgfeed.invalidation` (cache invalidations) and :mod:`pgfeed.naming`
+(connections named after what the reader follows, for ``pgfeed status``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -51,6 +53,7 @@ from pgfeed.core.tickcache import TickCache
 from pgfeed.core.tokens import CommitToken
 from pgfeed.errors import (
     FutureToken,
+    HandlerFailed,
     PgfeedError,
     ReaderClosed,
     UsageError,
@@ -59,9 +62,11 @@ from pgfeed.errors import (
     translate,
 )
 from pgfeed.handlers import ErrorHook, Handler, Handlers, reached
+from pgfeed.heartbeat import Heartbeats
 from pgfeed.invalidation import Invalidations, Invalidator
 from pgfeed.listener import Listener
 from pgfeed.log import get_logger
+from pgfeed.naming import SessionName
 from pgfeed.options import OPTION_NAMES, ReaderOptions
 from pgfeed.queries import query
 from pgfeed.ranges import RangeReader
@@ -73,9 +78,10 @@ from pgfeed.subscription import Batch, Feed, Row, Subscription
 from pgfeed.ticker import Ticker, TickerUnavailable
 
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
+    from prometheus_client import CollectorRegistry
 
     from pgfeed.cache import AsyncCache
+    from pgfeed.metrics import ReaderMetrics
 
 log = get_logger("pgfeed.reader")
 
@@ -87,6 +93,16 @@ ResetCallback = Callable[[str, str], Any]
 _INHERITED: list[object] = []
 
 
+def metrics_for(options: ReaderOptions) -> ReaderMetrics | None:
+    """The metrics ``options.metrics`` asks for (see
+    :func:`pgfeed.metrics.reader_metrics`); prometheus_client is imported only then."""
+    if not options.metrics:
+        return None
+    from pgfeed.metrics import reader_metrics
+
+    return reader_metrics(options.metrics)
+
+
 class AsyncReader:
     """A reader for one process. Open it once, subscribe many times.
 
@@ -96,9 +112,10 @@ class AsyncReader:
 
     The options are those of :class:`~pgfeed.options.ReaderOptions` (see it
     for what each means: polling, probes, batching, ``handler_retries``, the
-    ``max_connections`` budget, the embedded ticker), given as keywords or as
-    ``options=``; keywords that differ from their default replace the fields
-    of ``options``. Every value is checked there, once.
+    ``max_connections`` budget, the embedded ticker, consumer ``heartbeat``),
+    given as keywords or as ``options=``; keywords that differ from their
+    default replace the fields of ``options``. Every value is checked there,
+    once.
 
     Use ``async with AsyncReader(...) as reader:``, in the process that uses
     it (after any fork: a reader used in a child raises
@@ -123,10 +140,13 @@ class AsyncReader:
         ticker: str = ReaderOptions.ticker,
         ticker_lease: float = ReaderOptions.ticker_lease,
         handler_retries: int = ReaderOptions.handler_retries,
+        heartbeat: float | None = ReaderOptions.heartbeat,
+        metrics: CollectorRegistry | bool | None = ReaderOptions.metrics,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         self.options = ReaderOptions.merge(options, given)
+        self._metrics = metrics_for(self.options)
         self._conninfo_arg = conninfo
         self._conninfo = ""
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
@@ -138,6 +158,7 @@ class AsyncReader:
         self._pending_callbacks: list[tuple[str, Handler, Since, str | None]] = []
         self._reset_callbacks: list[ResetCallback] = []
         self._cache_subscription: Subscription | None = None
+        self._name = SessionName()
         # The parts, wired once; each borrows pooled connections through _borrow.
         ticks: TickCache[StoredRow] = TickCache()
         self._ticks = ticks
@@ -146,7 +167,9 @@ class AsyncReader:
             self._borrow, self.options, ticks, self._ranges, self._cursors, self._history_changed
         )
         self._resolver = Resolver(self._borrow, self._refresher, ticks)
-        self._listener = Listener(self.options, self._refresher.notified, self._listener_connected)
+        self._listener = Listener(
+            self.options, self._refresher.notified, self._listener_connected, self._name, self._listener_lost
+        )
         self._saver = PositionSaver(self._borrow, self.options.save_interval)
         self._delivered = Signal()  # some subscription's delivered position moved
         self._handlers = Handlers(self.options.handler_retries, self._delivered.fire)
@@ -160,8 +183,11 @@ class AsyncReader:
             ticks,
             self._delivered,
             self._fire_reset,
-            self._subscriptions.discard,
+            self._subscription_closed,
+            self._batch_taken,
         )
+        if self._metrics is not None:
+            self._handlers.error_hooks.append(self._handler_failed)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> AsyncReader:
@@ -172,10 +198,11 @@ class AsyncReader:
             self._conninfo = (await asyncio.to_thread(resolve, None)).conninfo
         else:
             self._conninfo = self._conninfo_arg
-        self._conninfo = with_keepalives(self._conninfo)
+        self._conninfo = self._name.start(with_keepalives(self._conninfo))
         # One plain connection first: a wrong DSN fails at once with a clear
         # message instead of after the pool's retries.
         probe = await aconnect(self._conninfo, doing="opening the reader")
+        self._name.adopt(probe)
         await probe.close()
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -208,9 +235,7 @@ class AsyncReader:
         self._pid = os.getpid()
         if self.options.ticker == "auto":
             # It follows through the pool, within max_connections; only a leader holds one more.
-            self._ticker = Ticker(
-                self._conninfo, kind="reader", lease=self.options.ticker_lease, borrow=self._pool.connection
-            )
+            self._ticker = Ticker(self._conninfo, kind="reader", lease=self.options.ticker_lease, borrow=self._borrow)
         # The ticker has no connection to hear a resignation on while it follows: the listener does.
         on_lease = self._ticker.poke if self._ticker is not None else None
         self._tasks = [
@@ -220,6 +245,9 @@ class AsyncReader:
         ]
         if self._ticker is not None:
             self._tasks.append(asyncio.create_task(self._run_ticker(self._ticker), name="pgfeed-embedded-ticker"))
+        if self.options.heartbeat is not None:
+            beats = Heartbeats(self._borrow, self.options.heartbeat, self._named_consumers)
+            self._tasks.append(asyncio.create_task(beats.run(), name="pgfeed-consumer-heartbeat"))
         log.info("reader opened")
         pending, self._pending_callbacks = self._pending_callbacks, []
         try:
@@ -248,11 +276,17 @@ class AsyncReader:
         self._open = False
         for sub in list(self._subscriptions):
             await sub.close()
+        # Everything that moves or saves positions stops before the last save:
+        # a handler finishing its batch would move a position after it, and a
+        # periodic save cut short puts its positions back for it.
+        await stop([*self._tasks, *self._handlers.tasks])
         try:
             await self._saver.save()
         except PgfeedError as exc:
-            log.warning("could not save consumer positions on close", error=str(exc))
-        await stop([*self._tasks, *self._handlers.tasks])
+            log.warning(
+                "could not save consumer positions on close; the rows delivered since the last save come again",
+                error=str(exc),
+            )
         if self._ticker is not None:
             await self._ticker.close()
             self._ticker = None
@@ -276,10 +310,18 @@ class AsyncReader:
         if not self._open:
             raise ReaderClosed("the reader is not open: use `async with AsyncReader(...)` or call open()")
 
-    def _borrow(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-        """A pooled connection, for one query or a few (every part borrows through here)."""
+    @contextlib.asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection, for one query or a few (every part borrows
+        through here), named after what this reader follows now."""
         assert self._pool is not None, "the reader is not open"
-        return self._pool.connection()
+        async with self._pool.connection() as conn:
+            try:
+                await self._name.apply(conn)
+                yield conn
+            finally:
+                if conn.broken and self._metrics is not None:
+                    self._metrics.pool_reconnects.inc()  # the pool replaces it
 
     # -- public API ------------------------------------------------------
     async def subscribe(
@@ -313,6 +355,9 @@ class AsyncReader:
             raise UsageError(f"invalid consumer name {consumer!r}: expected 1-200 characters")
         sub = Subscription(self._feed, stream, since, until, self.options.queue_batches, consumer)
         self._subscriptions.add(sub)
+        self._name_connections()
+        if self._metrics is not None:
+            self._metrics.track(sub)
         try:
             await sub.start()
         except BaseException:
@@ -472,6 +517,32 @@ class AsyncReader:
         return pos
 
     # -- internals --------------------------------------------------------
+    def _subscription_closed(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+        self._name_connections()
+        if self._metrics is not None:
+            self._metrics.untrack(sub)
+
+    # -- metrics (see pgfeed.metrics.ReaderMetrics), when asked for ----------
+    def _batch_taken(self, sub: Subscription, batch: Batch) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(batch, sub.consumer)
+
+    def _listener_lost(self) -> None:
+        if self._metrics is not None:
+            self._metrics.listener_reconnects.inc()
+
+    async def _handler_failed(self, stream: str, error: HandlerFailed) -> None:
+        if self._metrics is not None:
+            self._metrics.failure(stream, error)
+
+    def _name_connections(self) -> None:
+        """The connections say what this reader follows now (see :mod:`pgfeed.naming`)."""
+        self._name.follow((s.stream, s.consumer) for s in self._subscriptions)
+
+    def _named_consumers(self) -> list[tuple[str, str]]:
+        return [(s.consumer, s.stream) for s in self._subscriptions if s.consumer is not None]
+
     def _cursors(self) -> list[Cursor]:
         return [s.cursor for s in self._subscriptions]
 
@@ -487,6 +558,8 @@ class AsyncReader:
 
     async def _fire_reset(self, stream: str, reason: str) -> None:
         log.warning("reset", stream=stream, reason=reason)
+        if self._metrics is not None:
+            self._metrics.reset(stream, reason)
         for fn in self._reset_callbacks:
             try:
                 await call(fn, stream, reason)

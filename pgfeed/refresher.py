@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Collection
 
 import psycopg
@@ -24,7 +25,8 @@ from pgfeed import store
 from pgfeed.aio import Signal
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.cursor import Cursor, StreamMeta
-from pgfeed.core.positions import Tick
+from pgfeed.core.lag import TickClock
+from pgfeed.core.positions import Position, Tick
 from pgfeed.core.tickcache import TickCache
 from pgfeed.errors import PermissionDenied, PgfeedError, translate
 from pgfeed.log import get_logger
@@ -67,6 +69,8 @@ class Refresher:
         self.broken: str | None = None
         #: Fired whenever :attr:`head` may have moved.
         self.changed = Signal()
+        #: When each newer head was learned: how long a position has trailed (:meth:`lag`).
+        self.clock = TickClock()
         self._wakeups = Signal()
 
     def wake(self) -> None:
@@ -161,6 +165,7 @@ class Refresher:
         log.error("history changed; every subscription resets", reason=reason)
         self._ticks.clear()
         self.head = None
+        self.clock = TickClock()
         self._on_history_changed(reason)
 
     def _publish(self, tick: Tick, metas: dict[str, StreamMeta], names: Collection[str]) -> None:
@@ -171,7 +176,21 @@ class Refresher:
             for name in names:
                 if name not in metas:
                     self.metas.pop(name, None)
+            self.clock.learned(tick.id, time.monotonic())
+            delivered = [c.delivered.covered_tick for c in self._cursors() if c.delivered is not None]
+            self.clock.forget_through(min(delivered, default=tick.id))
         self.changed.fire()
+
+    def lag(self, delivered: Position, since: float) -> tuple[int, float] | None:
+        """How far ``delivered`` trails the newest tick: in ticks, and in seconds
+        since this reader learned of the first one past it (at most since
+        ``since``, a ``time.monotonic()``); None before the first tick."""
+        now = time.monotonic()
+        found = self.clock.lag(delivered.covered_tick, now)
+        if found is None:
+            return None
+        ticks, seconds = found
+        return ticks, min(seconds, max(0.0, now - since))
 
     async def wait_for_work(self, cursor: Cursor) -> tuple[Tick, dict[str, StreamMeta]]:
         """Wait until ``cursor`` has something past its read position, or a

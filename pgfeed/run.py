@@ -15,11 +15,13 @@ iterated here, not through ``on()``, so that the rules are exact:
   and the run returns (exit 0). During a retry's backoff the batch is left
   unhandled instead (it comes again next time).
 
-The reader saves the position every ``save_interval`` and on close: after a
-SIGKILL the rows handled since the last save come again (at-least-once).
-Its connections are named ``pgfeed reader <stream> consumer=<name>``, so
-``pgfeed status`` shows the process as the consumer's live reader; with
-``heartbeat`` it also calls ``pgfeed.consumer_heartbeat_v2`` every so often.
+The reader saves the position every ``save_interval`` and on close (after the
+batch in hand was acknowledged): after a SIGKILL the rows handled since the
+last save come again (at-least-once).
+Its connections are named ``pgfeed reader pid=<pid> <stream> consumer=<name>``
+(as every reader's, see :mod:`pgfeed.naming`), so ``pgfeed status`` shows the
+process as the consumer's live reader; with ``heartbeat`` the reader also
+sends the consumer's heartbeat (:mod:`pgfeed.heartbeat`) every so often.
 """
 
 from __future__ import annotations
@@ -34,18 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg.conninfo import make_conninfo
-
-from pgfeed import store
 from pgfeed.aio import call
 from pgfeed.core.backoff import Backoff
-from pgfeed.core.health import make_application_name
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
 from pgfeed.errors import PgfeedError, UsageError, one_line
 from pgfeed.log import get_logger
-from pgfeed.queries import query
 from pgfeed.reader import AsyncReader, Batch, Subscription
 
 log = get_logger("pgfeed.run")
@@ -149,33 +145,23 @@ async def run_consumer(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stopping, sig)
             installed.append(sig)
-    named = make_conninfo(
-        conninfo, application_name=make_application_name("reader", [options.stream], options.consumer)
-    )
     stats = RunStats()
-    saved: store.SavedPosition | None = None  # stats.position, as a save writes it
     try:
-        async with AsyncReader(named, batch_size=options.batch_size, save_interval=options.save_interval) as reader:
+        async with AsyncReader(
+            conninfo,
+            batch_size=options.batch_size,
+            save_interval=options.save_interval,
+            heartbeat=options.heartbeat if options.heartbeat > 0 else None,
+        ) as reader:
             sub = await reader.subscribe(options.stream, options.since, consumer=options.consumer)
             log.info("consumer running", stream=options.stream, consumer=options.consumer, position=str(sub.position))
-            beats = (
-                asyncio.create_task(_heartbeats(named, options), name="pgfeed-run-heartbeat")
-                if options.heartbeat > 0
-                else None
-            )
             try:
                 await _consume(sub, handler, options, stop, stats)
             finally:
-                if beats is not None:
-                    beats.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await beats
-                stats.position, saved = sub.position, sub.saved
+                stats.position = sub.position
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        if saved is not None:
-            await _save_final(named, options, saved)
     log.info("consumer stopped", batches=stats.batches, rows=stats.rows, position=str(stats.position))
     return stats
 
@@ -254,25 +240,6 @@ async def _handle(
                 return False
 
 
-async def _save_final(conninfo: str, options: RunOptions, position: store.SavedPosition) -> None:
-    """Save the delivered position once more after the reader closed.
-
-    The reader saves on close too, but a close that races its periodic save
-    in flight can cancel that save and keep an older position (more rows would
-    come again). The reader is closed, so nothing else writes this consumer's
-    row now (one process per consumer name)."""
-    try:
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
-            await store.save_positions(conn, [(options.consumer, options.stream, position)])
-    except (psycopg.Error, OSError) as exc:
-        log.warning(
-            "could not save the final position; the rows after the last save come again",
-            consumer=options.consumer,
-            position=position.token,
-            error=_one_line(exc),
-        )
-
-
 async def _acknowledge(sub: Subscription, position: Position) -> None:
     """Mark the batch ending at ``position`` delivered without handling another:
     taking the next batch acknowledges the previous one, and a batch taken but
@@ -287,27 +254,3 @@ async def _acknowledge(sub: Subscription, position: Position) -> None:
         await nxt
     if sub.position is None or sub.position < position:
         log.warning("the last batch could not be acknowledged; it comes again", batch=str(position))
-
-
-async def _heartbeats(conninfo: str, options: RunOptions) -> None:
-    """``pgfeed.consumer_heartbeat_v2`` every ``heartbeat`` seconds, on a
-    connection of its own; stops for good when this role may not call it."""
-    conn: psycopg.AsyncConnection[Any] | None = None
-    try:
-        while True:
-            try:
-                if conn is None or conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
-                await conn.execute(query("consumer_heartbeat"), (options.consumer, options.stream))
-            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
-                log.warning("consumer heartbeats off: this role or schema cannot send them", error=_one_line(exc))
-                return
-            except (psycopg.Error, OSError) as exc:
-                log.info("consumer heartbeat failed; retrying", error=_one_line(exc))
-                if conn is not None:
-                    await conn.close()
-                conn = None
-            await asyncio.sleep(options.heartbeat)
-    finally:
-        if conn is not None:
-            await conn.close()

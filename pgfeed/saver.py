@@ -3,6 +3,10 @@
 closes. After a crash, up to ``save_interval`` of rows are delivered again
 (at-least-once across restarts).
 
+Saves run one at a time, and a save that fails or is cancelled (the reader
+closing while a periodic save waits for a row lock) puts its positions back
+for the next one: the last save, on close, writes every position that moved.
+
 A position is saved as a bare token (SQL parses it: retention, status) with
 the fingerprint of its tick as the reader saw it (``tick_fp``): a consumer
 resumed on a database whose tick has another fingerprint resets instead of
@@ -43,6 +47,7 @@ class PositionSaver:
         self._borrow = borrow
         self._interval = interval
         self._unsaved: set[Consumer] = set()  # consumers whose delivered position is not saved yet
+        self._saving = asyncio.Lock()  # one save at a time: each writes what no other save holds
 
     def moved(self, sub: Consumer) -> None:
         """``sub``'s delivered position moved: save it with the next batch."""
@@ -58,17 +63,23 @@ class PositionSaver:
             raise translate(exc, f"loading the saved position of consumer {consumer!r}") from None
 
     async def save(self) -> None:
-        """Write the delivered position of every consumer that moved."""
-        if not self._unsaved:
-            return
-        batch, self._unsaved = self._unsaved, set()
-        rows = [(s.consumer, s.stream, saved) for s in batch if s.consumer and (saved := s.saved) is not None]
-        try:
-            async with self._borrow() as conn:
-                await store.save_positions(conn, rows)
-        except psycopg.Error as exc:
-            self._unsaved |= batch  # try again next time
-            raise translate(exc, "saving consumer positions") from None
+        """Write the delivered position of every consumer that moved.
+
+        Waits for a save in progress first. On any failure, cancellation
+        included, the positions it was writing go back to the next save."""
+        async with self._saving:
+            if not self._unsaved:
+                return
+            batch, self._unsaved = self._unsaved, set()
+            try:
+                rows = [(s.consumer, s.stream, saved) for s in batch if s.consumer and (saved := s.saved) is not None]
+                async with self._borrow() as conn:
+                    await store.save_positions(conn, rows)
+            except BaseException as exc:
+                self._unsaved |= batch  # the next save writes them (their newest position then)
+                if isinstance(exc, psycopg.Error):
+                    raise translate(exc, "saving consumer positions") from None
+                raise
 
     async def run(self) -> None:
         """Save every ``interval`` until cancelled."""

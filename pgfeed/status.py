@@ -290,8 +290,7 @@ def _consumers(
             for s in sessions
             if s.app is not None
             and s.app.kind == "reader"
-            and s.app.consumer == consumer
-            and (not s.app.streams or stream in s.app.streams)
+            and s.app.holds(consumer, stream)
             and s.usename in (None, owner)
         )
         last_seen = max([t for t in (updated, seen) if t is not None], default=None)

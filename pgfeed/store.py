@@ -111,6 +111,18 @@ async def save_positions(conn: AConn, rows: Sequence[tuple[str | None, str, Save
             await conn.execute(query("save_position"), (consumer, stream, saved.token, saved.tick_fp))
 
 
+async def consumer_heartbeats(conn: AConn, pairs: Sequence[tuple[str, str]]) -> None:
+    """``pgfeed.consumer_heartbeat_v2`` for each ``(consumer, stream)``, in one statement."""
+    await conn.execute(
+        query("consumer_heartbeats"), ([consumer for consumer, _ in pairs], [stream for _, stream in pairs])
+    )
+
+
+async def set_application_name(conn: AConn, name: str) -> None:
+    """Name the session (``pg_stat_activity.application_name``) until it ends."""
+    await conn.execute(query("set_application_name"), (name,))
+
+
 async def head_tick_id(conn: AConn) -> int:
     """The newest tick's id (0 before the first tick)."""
     cur = await conn.execute(query("head_tick_id"))

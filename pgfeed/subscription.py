@@ -10,6 +10,7 @@ is the :class:`~pgfeed.core.cursor.Cursor`'s; this module does the waiting.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -105,6 +106,8 @@ class Feed:
     on_reset: Callable[[str, str], Awaitable[None]]
     #: ``on_closed(subscription)`` once it is closed.
     on_closed: Callable[[Subscription], None]
+    #: ``on_taken(subscription, batch)`` when a batch is handed to the consumer.
+    on_taken: Callable[[Subscription, Batch], None]
 
 
 class Subscription:
@@ -139,6 +142,7 @@ class Subscription:
         self._ready = False  # started, or failed to
         self._failure: BaseException | None = None
         self._closed = False
+        self._started_at: float | None = None  # time.monotonic() once started
 
     # -- consumer side ---------------------------------------------------
     @property
@@ -156,6 +160,16 @@ class Subscription:
         tick = self._feed.ticks.get(pos.tick)
         return SavedPosition(str(pos), tick.fp if tick is not None else None)
 
+    def lag(self) -> tuple[int, float] | None:
+        """How far the delivered position trails the newest tick this reader
+        knows: in ticks, and in seconds since the reader learned of the first
+        tick not delivered yet (at most since the subscription started);
+        ``(0, 0.0)`` when caught up, None before it started."""
+        pos = self.cursor.delivered
+        if pos is None or self._started_at is None:
+            return None
+        return self._feed.refresher.lag(pos, self._started_at)
+
     def __aiter__(self) -> AsyncIterator[Batch]:
         return self
 
@@ -172,6 +186,7 @@ class Subscription:
                 raise StopAsyncIteration
             epoch, batch = item
             if self.cursor.take(epoch, batch.position):
+                self._feed.on_taken(self, batch)
                 return batch
 
     def _moved(self) -> None:
@@ -205,6 +220,7 @@ class Subscription:
             raise self._failure
 
     def _now_started(self) -> None:
+        self._started_at = time.monotonic()
         self._ready = True
         self._started.fire()
 

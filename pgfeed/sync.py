@@ -49,9 +49,11 @@ from pgfeed.errors import (
     translate,
 )
 from pgfeed.options import OPTION_NAMES, ReaderOptions, check_positive
-from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token
+from pgfeed.reader import AsyncReader, Batch, ResetCallback, Since, Subscription, Token, metrics_for
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from pgfeed.cache import Cache
 
 T = TypeVar("T")
@@ -285,10 +287,13 @@ class Reader:
         ticker: str = ReaderOptions.ticker,
         ticker_lease: float = ReaderOptions.ticker_lease,
         handler_retries: int = ReaderOptions.handler_retries,
+        heartbeat: float | None = ReaderOptions.heartbeat,
+        metrics: CollectorRegistry | bool | None = ReaderOptions.metrics,
     ) -> None:
         # Every keyword named like a ReaderOptions field (a test keeps the two in step).
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         self.options = ReaderOptions.merge(options, given)
+        metrics_for(self.options)  # registered now: a clash is refused here, not at open()
         check_positive("call_timeout", call_timeout)
         self.call_timeout = call_timeout
         self._conninfo = conninfo

@@ -21,10 +21,13 @@ from pgfeed.errors import TokenError, UsageError
 #: Consumer states, in the order a report sorts them (worst first).
 STATES = ("stalled", "reset pending", "gone", "live", "idle")
 
-#: ``application_name`` of pgfeed's sessions: ``pgfeed <kind> [<stream>,...] [consumer=<name>]``.
+#: ``application_name`` of pgfeed's sessions:
+#: ``pgfeed <kind> [pid=<pid>] [<stream>,...[,+<n>]] [consumer=<name>]``.
 APP_PREFIX = "pgfeed"
 #: PostgreSQL keeps the first NAMEDATALEN - 1 bytes of an application_name.
 APP_NAME_BYTES = 63
+#: Ends a consumer name cut to fit in an application_name.
+CUT_MARK = "\u2026"
 
 #: How long rows may wait for a tick, whoever ticks, before the ticker counts as dead (seconds).
 DEFAULT_MAX_TICK_AGE = 30.0
@@ -90,19 +93,41 @@ class AppName:
     kind: str
     streams: tuple[str, ...] = ()
     consumer: str | None = None
+    #: The process id of the program that named the session (None: not said).
+    pid: int | None = None
+    #: How many followed streams were left out to fit (``+n``).
+    more_streams: int = 0
+    #: True when the consumer name was cut to fit: :attr:`consumer` is how it begins.
+    consumer_cut: bool = False
+
+    def holds(self, consumer: str, stream: str) -> bool:
+        """Whether the session says it reads ``stream`` as ``consumer`` (an
+        empty stream list, or one that had to leave streams out, covers any)."""
+        if self.consumer is None:
+            return False
+        named = consumer.startswith(self.consumer) if self.consumer_cut else consumer == self.consumer
+        return named and (not self.streams or self.more_streams > 0 or stream in self.streams)
 
 
-def make_application_name(kind: str, streams: Sequence[str] = (), consumer: str | None = None) -> str:
-    """``pgfeed reader orders,audit consumer=billing``, cut to what PostgreSQL keeps (63 bytes)."""
-    text = f"{APP_PREFIX} {kind}"
-    if streams:
-        text += " " + ",".join(streams)
-    if consumer is not None:
-        text += f" consumer={consumer}"
-    raw = text.encode()
-    if len(raw) <= APP_NAME_BYTES:
-        return text
-    return raw[:APP_NAME_BYTES].decode(errors="ignore")
+def make_application_name(
+    kind: str, streams: Sequence[str] = (), consumer: str | None = None, *, pid: int | None = None
+) -> str:
+    """``pgfeed reader pid=4711 orders,audit consumer=billing``, within the 63
+    bytes PostgreSQL keeps: what does not fit is left out visibly, never cut
+    silently. The streams go first (the last ones become ``+n``), then the
+    consumer name is cut and ends with :data:`CUT_MARK`."""
+    head = f"{APP_PREFIX} {kind}" + ("" if pid is None else f" pid={pid}")
+    tail = "" if consumer is None else f" consumer={consumer}"
+    for shown in range(len(streams), -1, -1):
+        left_out = len(streams) - shown
+        listed = [*streams[:shown], *([f"+{left_out}"] if left_out else [])]
+        text = head + (" " + ",".join(listed) if listed else "") + tail
+        if len(text.encode()) <= APP_NAME_BYTES:
+            return text
+    assert consumer is not None  # the head alone always fits
+    text = head + (f" +{len(streams)}" if streams else "") + " consumer="
+    room = APP_NAME_BYTES - len(text.encode()) - len(CUT_MARK.encode())
+    return text + consumer.encode()[:room].decode(errors="ignore") + CUT_MARK
 
 
 def parse_application_name(name: str | None) -> AppName | None:
@@ -113,16 +138,28 @@ def parse_application_name(name: str | None) -> AppName | None:
     words = name.split(" ")
     if len(words) < 2 or words[0] != APP_PREFIX or not words[1]:
         return None
-    streams: tuple[str, ...] = ()
-    consumer = None
     rest = words[2:]
-    if rest and not rest[0].startswith("consumer="):
-        streams = tuple(s for s in rest[0].split(",") if s)
+    pid = None
+    if rest and rest[0].startswith("pid=") and rest[0][4:].isdigit():
+        pid = int(rest[0][4:])
         rest = rest[1:]
+    streams: list[str] = []
+    more = 0
+    if rest and not rest[0].startswith("consumer="):
+        for item in rest[0].split(","):
+            if item.startswith("+") and item[1:].isdigit():
+                more += int(item[1:])
+            elif item:
+                streams.append(item)
+        rest = rest[1:]
+    consumer = None
+    cut = False
     if rest and rest[0].startswith("consumer="):
         # A consumer name may hold spaces: it runs to the end.
         consumer = " ".join(rest).removeprefix("consumer=")
-    return AppName(words[1], streams, consumer or None)
+        cut = consumer.endswith(CUT_MARK)
+        consumer = consumer.removesuffix(CUT_MARK)
+    return AppName(words[1], tuple(streams), consumer or None, pid, more, cut)
 
 
 def widen_xid(xid32: int, reference: int) -> int:
@@ -257,6 +294,40 @@ class ConsumerStatus:
 
 
 @dataclass(frozen=True)
+class ReaderPosition:
+    """A saved consumer that a live reader holds: where it is, how far behind."""
+
+    consumer: str
+    stream: str
+    token: str
+    lag_rows: int | None
+    lag_seconds: float | None
+    state: str
+
+
+@dataclass(frozen=True)
+class LiveReader:
+    """A process following streams now, as its sessions' application names say
+    (see :func:`make_application_name`)."""
+
+    #: Its process id on its host (None: its sessions' names do not say).
+    pid: int | None
+    #: Its client address (None: a local socket, or hidden from this role).
+    host: str | None
+    usename: str | None
+    application_names: tuple[str, ...]
+    streams: tuple[str, ...]
+    #: How many more streams it follows than :attr:`streams` (left out of its names to fit).
+    more_streams: int
+    #: The consumers its names carry (a cut name ends with :data:`CUT_MARK`).
+    consumers: tuple[str, ...]
+    #: The pids of its backends.
+    backends: tuple[int, ...]
+    #: The saved consumers it holds, with their position and lag.
+    positions: tuple[ReaderPosition, ...] = ()
+
+
+@dataclass(frozen=True)
 class XminHolder:
     """Something holding back the xmin horizon (vacuum of pruned rows, the
     lease and position rows): an old transaction, a prepared transaction or a
@@ -291,6 +362,41 @@ class Status:
     @property
     def pending_rows(self) -> int:
         return sum(s.pending_rows for s in self.streams)
+
+
+def live_readers(status: Status) -> list[LiveReader]:
+    """The reader sessions grouped by process: by the pid their names carry
+    (by name when they carry none), client address and user."""
+    groups: dict[tuple[str | None, str | None, int | str | None], list[tuple[Session, AppName]]] = {}
+    for s in status.sessions:
+        app = s.app
+        if app is not None and app.kind == "reader":
+            who = app.pid if app.pid is not None else s.application_name
+            groups.setdefault((s.client_addr, s.usename, who), []).append((s, app))
+    out = []
+    for (host, user, _), members in groups.items():
+        apps = [app for _, app in members]
+        backends = {s.pid for s, _ in members}
+        out.append(
+            LiveReader(
+                pid=apps[0].pid,
+                host=host,
+                usename=user,
+                application_names=tuple(sorted({s.application_name or "" for s, _ in members})),
+                streams=tuple(sorted({stream for app in apps for stream in app.streams})),
+                more_streams=max(app.more_streams for app in apps),
+                consumers=tuple(
+                    sorted({app.consumer + (CUT_MARK if app.consumer_cut else "") for app in apps if app.consumer})
+                ),
+                backends=tuple(sorted(backends)),
+                positions=tuple(
+                    ReaderPosition(c.consumer, c.stream, c.token, c.lag_rows, c.lag_seconds, c.state)
+                    for c in status.consumers
+                    if any(h.pid in backends for h in c.held_by)
+                ),
+            )
+        )
+    return sorted(out, key=lambda r: (r.host or "", r.pid or 0, r.backends))
 
 
 # -- decisions --------------------------------------------------------------
@@ -601,13 +707,7 @@ def format_text(status: Status, thresholds: Thresholds) -> str:
     else:
         out.append("consumers: none saved")
     out.append("")
-    readers = status.readers
-    out.append(f"live readers: {len(readers)} sessions named 'pgfeed reader ...'")
-    groups: dict[tuple[str, str], list[int]] = {}
-    for s in readers:
-        groups.setdefault((s.application_name or "", s.client_addr or "local"), []).append(s.pid)
-    for (app, addr), pids in sorted(groups.items()):
-        out.append(f"  {app} from {addr}: pids {', '.join(map(str, sorted(pids)))}")
+    out += format_live_readers(status)
     writers = [w for s in status.streams for w in s.writers]
     if writers:
         out.append("")
@@ -632,6 +732,28 @@ def format_text(status: Status, thresholds: Thresholds) -> str:
     for note in status.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def format_live_readers(status: Status) -> list[str]:
+    """The live readers: one line per process and saved consumer it holds."""
+    readers = live_readers(status)
+    if not readers:
+        return ["live readers: none (no session named 'pgfeed reader ...')"]
+    rows = []
+    for r in readers:
+        follows = ",".join(r.streams) + (f",+{r.more_streams}" if r.more_streams else "")
+        who = (str(r.pid) if r.pid is not None else "-", r.host or "local", r.usename or "-")
+        end = ",".join(map(str, r.backends))
+        for p in r.positions:
+            lag_rows, lag = ("-" if p.lag_rows is None else str(p.lag_rows), fmt_age(p.lag_seconds))
+            rows.append((*who, follows or "-", f"{p.consumer} ({p.stream})", p.token, lag_rows, lag, end))
+        if not r.positions:
+            rows.append((*who, follows or "-", ",".join(r.consumers) or "-", "-", "-", "-", end))
+    sessions = sum(len(r.backends) for r in readers)
+    return [
+        f"live readers: {len(readers)} processes, {sessions} sessions",
+        *_table(("PID", "HOST", "USER", "STREAMS", "CONSUMER", "POSITION", "LAG ROWS", "LAG", "BACKENDS"), rows),
+    ]
 
 
 def _jsonable(value: Any) -> Any:
@@ -671,7 +793,7 @@ def to_json(status: Status, thresholds: Thresholds) -> dict[str, Any]:
             last_seen_age=age(now, c.last_seen),
             max_lag=thresholds.lag_limit(c.consumer),
         )
-    doc["readers"] = len(status.readers)
+    doc["readers"] = _jsonable(live_readers(status))
     found = problems(status, thresholds)
     doc["healthy"] = not found
     doc["problems"] = found

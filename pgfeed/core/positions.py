@@ -129,6 +129,11 @@ class Position(NamedTuple):
         """True when the position sits on a tick boundary."""
         return self.seq == COMPLETE
 
+    @property
+    def covered_tick(self) -> int:
+        """The newest tick whose interval this position covers whole."""
+        return self.tick if self.complete else self.tick - 1
+
     @classmethod
     def parse(cls, token: str) -> Position:
         """Parse a token; raise :class:`TokenError` naming the accepted forms.

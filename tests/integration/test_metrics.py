@@ -5,6 +5,7 @@ opt-in ReaderCollector."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import time
@@ -21,7 +22,7 @@ from ticking import daemon, take_tick
 
 import pgfeed
 from pgfeed import admin
-from pgfeed.errors import HandlerFailed, PgfeedError
+from pgfeed.errors import HandlerFailed, PgfeedError, UsageError
 from pgfeed.metrics import ReaderCollector
 
 Conn = psycopg.Connection[Any]
@@ -234,7 +235,16 @@ async def test_a_reader_collector_counts_what_the_application_took(pgfeed_dsn: s
         assert value(samples, "pgfeed_reader_batches_delivered_total", stream="orders", consumer="billing") == 3
         assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="cb") == 5
         assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="old") == 5
-        assert value(samples, "pgfeed_reader_delivery_latency_seconds_count", stream="orders") == 15
+        for consumer in ("billing", "cb", "old"):
+            assert (
+                value(samples, "pgfeed_reader_delivery_latency_seconds_count", stream="orders", consumer=consumer) == 5
+            )
+        assert (
+            "pgfeed_reader_delivery_latency_seconds_count",
+            (("consumer", "failing"), ("stream", "orders")),
+        ) not in samples
+        assert value(samples, "pgfeed_reader_lag_ticks", stream="orders", consumer="billing") == 0
+        assert not any(name.endswith("_reconnects_total") for name, _ in samples)  # it cannot see them
         assert value(samples, "pgfeed_reader_resets_total", stream="orders") == 1
         assert value(samples, "pgfeed_reader_handler_failures_total", stream="orders") == 1
         assert value(samples, "pgfeed_reader_position_tick", stream="orders", consumer="billing") == tick.tick
@@ -269,3 +279,154 @@ def test_a_reader_collector_on_the_threaded_reader(pgfeed_dsn: str, pgfeed_conn:
         samples = parse(generate_latest(registry).decode())
     assert value(samples, "pgfeed_reader_position_tick", stream="orders", consumer="") == tick.tick
     assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="") == 1
+
+
+# -- a reader's own metrics (metrics=) ---------------------------------------------------
+async def _scrape_until(registry: CollectorRegistry, condition: Any, what: str, timeout: float = 30) -> Samples:
+    """Scrape ``registry`` until ``condition(samples)`` holds (the state under test), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = parse(generate_latest(registry).decode())
+        try:
+            if condition(samples):
+                return samples
+        except KeyError:
+            pass  # the series is not there yet
+        assert time.monotonic() < deadline, f"{what} did not show within {timeout:g}s"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_reader_counts_what_it_delivers_into_the_applications_registry(
+    pgfeed_dsn: str, pgfeed_conn: Conn
+) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    for n in range(5):
+        pgfeed.append(pgfeed_conn, "orders", {"n": n})
+    first = take_tick(pgfeed_conn)
+    registry = CollectorRegistry()
+    gate = asyncio.Event()
+    taken: list[int] = []
+
+    async def slow(batch: pgfeed.Batch) -> None:
+        taken.extend(r.payload["n"] for r in batch)
+        await gate.wait()
+
+    async with pgfeed.AsyncReader(
+        pgfeed_dsn, ticker="off", batch_size=2, poll_interval=0.05, metrics=registry
+    ) as reader:
+        await reader.on("orders", lambda batch: None, consumer="billing")
+        async with await reader.subscribe("orders", until=str(first)) as sub:
+            anonymous = [len(batch) async for batch in sub]
+        await reader.wait_for("orders", str(first))
+        samples = parse(generate_latest(registry).decode())
+        assert anonymous == [2, 2, 1]
+        for consumer in ("billing", ""):
+            labels = {"stream": "orders", "consumer": consumer}
+            assert value(samples, "pgfeed_reader_rows_delivered_total", **labels) == 5
+            assert value(samples, "pgfeed_reader_batches_delivered_total", **labels) == 3
+            assert value(samples, "pgfeed_reader_delivery_latency_seconds_count", **labels) == 5
+            assert value(samples, "pgfeed_reader_delivery_latency_seconds_sum", **labels) > 0
+        assert value(samples, "pgfeed_reader_position_tick", stream="orders", consumer="billing") == first.tick
+        assert value(samples, "pgfeed_reader_lag_ticks", stream="orders", consumer="billing") == 0
+        assert value(samples, "pgfeed_reader_lag_seconds", stream="orders", consumer="billing") == 0
+        # The anonymous subscription ended: its position is no longer reported.
+        assert ("pgfeed_reader_position_tick", (("consumer", ""), ("stream", "orders"))) not in samples
+        assert value(samples, "pgfeed_reader_listener_reconnects_total") == 0
+        assert value(samples, "pgfeed_reader_pool_reconnects_total") == 0
+        for name, labels_ in samples:
+            assert {k for k, _ in labels_} <= LABELS, (name, labels_)
+
+        # A consumer whose handler holds its batch trails the head: in ticks, and in seconds.
+        await reader.on("orders", slow, consumer="slow")
+        await _scrape_until(
+            registry,
+            lambda s: value(s, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="slow") == 2,
+            "the slow consumer's first batch",
+        )
+        for n in range(5, 8):
+            pgfeed.append(pgfeed_conn, "orders", {"n": n})
+        second = take_tick(pgfeed_conn)
+        samples = await _scrape_until(
+            registry,
+            lambda s: (
+                value(s, "pgfeed_reader_lag_ticks", stream="orders", consumer="billing") == 0
+                and value(s, "pgfeed_reader_position_tick", stream="orders", consumer="billing") == second.tick
+            ),
+            "the billing consumer at the second tick",
+        )
+        behind = value(samples, "pgfeed_reader_position_tick", stream="orders", consumer="slow")
+        assert behind < first.tick  # its first batch is in hand, not delivered
+        assert value(samples, "pgfeed_reader_lag_ticks", stream="orders", consumer="slow") == second.tick - behind
+        assert value(samples, "pgfeed_reader_lag_seconds", stream="orders", consumer="slow") > 0
+        assert taken == [0, 1]
+        gate.set()
+        await reader.wait_for("orders", str(second))
+        samples = parse(generate_latest(registry).decode())
+        assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="slow") == 8
+        assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="billing") == 8
+        assert value(samples, "pgfeed_reader_lag_seconds", stream="orders", consumer="slow") == 0
+
+
+async def test_a_reader_counts_resets_and_reconnects(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    pgfeed.append(pgfeed_conn, "orders", {"n": 1})
+    first = take_tick(pgfeed_conn)
+    registry = CollectorRegistry()
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", poll_interval=0.05, metrics=registry) as reader:
+        await reader.on("orders", lambda batch: None, consumer="billing")
+        await reader.wait_for("orders", str(first))
+        samples = parse(generate_latest(registry).decode())
+        assert ("pgfeed_reader_resets_total", (("stream", "orders"),)) not in samples
+
+        # A forced reset: the stream dropped and recreated under the reader.
+        admin.drop_stream(pgfeed_conn, "orders")
+        admin.create_stream(pgfeed_conn, "orders")
+        pgfeed.append(pgfeed_conn, "orders", {"n": 2})
+        await reader.wait_for("orders", str(take_tick(pgfeed_conn)))
+        samples = parse(generate_latest(registry).decode())
+        assert value(samples, "pgfeed_reader_resets_total", stream="orders") == 1
+        assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="billing") == 2
+
+        # Its backends killed: the listener and the read pool each lose one connection, and it goes on.
+        killed = pgfeed_conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"pgfeed reader pid={os.getpid()} %",),
+        ).fetchone()
+        assert killed == (2,)
+        samples = await _scrape_until(
+            registry,
+            lambda s: (
+                value(s, "pgfeed_reader_listener_reconnects_total") == 1
+                and value(s, "pgfeed_reader_pool_reconnects_total") == 1
+            ),
+            "both reconnects",
+        )
+        pgfeed.append(pgfeed_conn, "orders", {"n": 3})
+        await reader.wait_for("orders", str(take_tick(pgfeed_conn)))
+        samples = parse(generate_latest(registry).decode())
+        assert value(samples, "pgfeed_reader_listener_reconnects_total") == 1
+        assert value(samples, "pgfeed_reader_pool_reconnects_total") == 1
+        assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="billing") == 3
+        assert value(samples, "pgfeed_reader_resets_total", stream="orders") == 1
+
+
+def test_the_threaded_reader_keeps_counting_across_reopens(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    registry = CollectorRegistry()
+    reader = pgfeed.Reader(pgfeed_dsn, ticker="off", metrics=registry)
+    for n in range(2):
+        pgfeed.append(pgfeed_conn, "orders", {"n": n})
+        tick = take_tick(pgfeed_conn)
+        with reader:
+            reader.on("orders", lambda batch: None, consumer="billing")  # resumes where it stopped
+            reader.wait_for("orders", str(tick), timeout=30)
+        samples = parse(generate_latest(registry).decode())
+        assert value(samples, "pgfeed_reader_rows_delivered_total", stream="orders", consumer="billing") == n + 1
+    # A registry takes one of the two ways in, in one line.
+    with pytest.raises(UsageError, match="not both"), pgfeed.Reader(pgfeed_dsn) as other:
+        ReaderCollector(other, registry=registry)
+    collected = CollectorRegistry()
+    with pgfeed.Reader(pgfeed_dsn) as other:
+        ReaderCollector(other, registry=collected)
+    with pytest.raises(UsageError, match="not both"):
+        pgfeed.AsyncReader(pgfeed_dsn, metrics=collected)

@@ -290,3 +290,55 @@ async def test_a_named_consumer_resumes_where_it_stopped(
     with pytest.raises(UsageError, match="invalid consumer name"):
         async with pgfeed.AsyncReader(pgfeed_dsn) as reader:
             await reader.subscribe(stream, consumer="")
+
+
+async def _poll(condition: Any, what: str, timeout: float = 30.0) -> None:
+    """Await until ``condition()`` (sync or async) is true: the state under test, bounded."""
+    deadline = time.monotonic() + timeout
+    while not (await condition() if asyncio.iscoroutinefunction(condition) else condition()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g}s"
+        await asyncio.sleep(0.01)
+
+
+async def test_close_saves_the_position_a_slowed_periodic_save_carried(
+    pgfeed_dsn: str, stream: str, pgfeed_conn: psycopg.Connection[Any]
+) -> None:
+    """A periodic save in flight when close() starts (held up by a lock on the
+    consumer's row) must not take the last position with it when cancelled."""
+
+    def saved() -> str | None:
+        row = pgfeed_conn.execute("SELECT token FROM pgfeed.positions WHERE consumer = 'billing'").fetchone()
+        return None if row is None else str(row[0])
+
+    def blocked_since(pid: int, started: Any = None) -> bool:
+        """Some statement (that began after ``started``) waits for backend ``pid``'s lock."""
+        row = pgfeed_conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+            " AND query_start > coalesce(%s::timestamptz, '-infinity')",
+            (pid, started),
+        ).fetchone()
+        return row is not None and row[0] > 0
+
+    pgfeed.append(pgfeed_conn, stream, {"id": 1})
+    first = take_tick(pgfeed_conn)
+    reader = await pgfeed.AsyncReader(pgfeed_dsn, ticker="off", save_interval=0.02).open()
+    try:
+        await reader.on(stream, lambda batch: None, consumer="billing")
+        await reader.wait_for(stream, str(first))
+        await _poll(lambda: saved() == str(first), "the first periodic save")
+        async with await psycopg.AsyncConnection.connect(pgfeed_dsn) as locker:
+            await locker.execute("SELECT FROM pgfeed.positions WHERE consumer = 'billing' FOR UPDATE")
+            pgfeed.append(pgfeed_conn, stream, {"id": 2})
+            second = take_tick(pgfeed_conn)
+            await reader.wait_for(stream, str(second))
+            # The periodic save of `second` now waits for the row lock.
+            await _poll(lambda: blocked_since(locker.info.backend_pid), "a periodic save waiting")
+            started = pgfeed_conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            closing = asyncio.create_task(reader.close())
+            # Release the lock only once close() has finished, or waits for the lock itself.
+            await _poll(lambda: closing.done() or blocked_since(locker.info.backend_pid, started), "close() saving")
+            await locker.rollback()
+            await closing
+    finally:
+        await reader.close()
+    assert saved() == str(second)

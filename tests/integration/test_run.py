@@ -377,9 +377,10 @@ def test_a_running_consumer_is_live_with_a_heartbeat_in_status(
         (c,) = status.gather(pgfeed_conn).consumers
         assert (c.consumer, c.lag_rows, c.state) == ("hb", 0, "live")
         assert c.seen_by is not None
-        assert c.seen_by.startswith("pgfeed reader orders consumer=hb @")
+        name = f"pgfeed reader pid={run.proc.pid} orders consumer=hb"
+        assert c.seen_by.startswith(f"{name} @")
         assert c.held_by  # its sessions carry the consumer's name
-        assert all(s.application_name == "pgfeed reader orders consumer=hb" for s in c.held_by)
+        assert all(s.application_name == name for s in c.held_by)
         code, _ = run.stop()
     finally:
         run.kill()

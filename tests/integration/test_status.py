@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import re
 import shutil
 import signal
@@ -441,6 +443,159 @@ def test_a_monitoring_role_sees_every_roles_consumers_and_the_live_readers(
         status.gather(n)
     denied = run_cli(make_conninfo(pgfeed_dsn, user=nobody), "status")
     assert "GRANT pg_monitor TO" in one_line_error(denied, 1)
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Await until ``condition()`` (the state under test), bounded."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g}s"
+        await asyncio.sleep(0.02)
+
+
+async def _status(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `pgfeed status` command, off the event loop (the readers under test keep running)."""
+    return await asyncio.to_thread(
+        subprocess.run, [PGFEED, "--dsn", dsn, "status", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_an_embedded_reader_is_a_live_reader_in_status(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    admin.create_stream(pgfeed_conn, "audit")
+    for n in range(3):
+        pgfeed.append(pgfeed_conn, "orders", {"n": n})
+    head = take_tick(pgfeed_conn)
+    me = os.getpid()
+    name = f"pgfeed reader pid={me} audit,orders consumer=billing"
+
+    def sessions() -> dict[int, str]:
+        """This process's reader backends and their names."""
+        found = pgfeed_conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"pgfeed reader pid={me}%",),
+        ).fetchall()
+        return dict(found)
+
+    def saved() -> str | None:
+        row = pgfeed_conn.execute("SELECT token FROM pgfeed.positions WHERE consumer = 'billing'").fetchone()
+        return None if row is None else str(row[0])
+
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", probe_interval=0.1, save_interval=0.02) as reader:
+        await reader.on("orders", lambda batch: None, consumer="billing")
+        await reader.subscribe("audit", "now")
+        await reader.wait_for("orders", str(head))
+        # The listener and the read connection: the pooled one renamed when borrowed, the listener at a probe.
+        await _until(lambda: list(sessions().values()) == [name] * 2, "both connections named")
+        await _until(lambda: saved() == str(head), "the position saved")
+        backends = sorted(sessions())
+        host = pgfeed_conn.execute(
+            "SELECT host(client_addr) FROM pg_stat_activity WHERE pid = %s", (backends[0],)
+        ).fetchone()[0]  # type: ignore[index]
+        out = await _status(pgfeed_dsn, "--json")
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert [r for r in doc["readers"] if r["pid"] == me] == [
+            {
+                "pid": me,
+                "host": host,
+                "usename": pgfeed_conn.info.user,
+                "application_names": [name],
+                "streams": ["audit", "orders"],
+                "more_streams": 0,
+                "consumers": ["billing"],
+                "backends": backends,
+                "positions": [
+                    {
+                        "consumer": "billing",
+                        "stream": "orders",
+                        "token": str(head),
+                        "lag_rows": 0,
+                        "lag_seconds": 0.0,
+                        "state": "live",
+                    }
+                ],
+            }
+        ]
+        (billing,) = [c for c in doc["consumers"] if c["consumer"] == "billing"]
+        assert sorted(s["pid"] for s in billing["held_by"]) == backends
+        text = await _status(pgfeed_dsn)
+        assert text.returncode == 0, text.stderr
+        row = next(line.split() for line in text.stdout.splitlines() if line.strip().startswith(str(me)))
+        user, streams = pgfeed_conn.info.user, "audit,orders"
+        held = [str(me), host or "local", user, streams, "billing", "(orders)", str(head), "0", "0ms"]
+        assert row == [*held, ",".join(map(str, backends))]
+    await _until(lambda: sessions() == {}, "the backends of the closed reader gone")  # they exit after close
+    doc = json.loads((await _status(pgfeed_dsn, "--json")).stdout)
+    assert [r for r in doc["readers"] if r["pid"] == me] == []
+
+
+async def test_a_reader_keeps_the_application_name_the_dsn_gives(pgfeed_dsn: str, pgfeed_conn: Conn) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+
+    def named(app: str) -> list[tuple[str, str]]:
+        found = pgfeed_conn.execute(
+            "SELECT application_name, query FROM pg_stat_activity WHERE application_name LIKE %s ORDER BY pid",
+            (app,),
+        ).fetchall()
+        return [(str(a), str(q)) for a, q in found]
+
+    dsn = make_conninfo(pgfeed_dsn, application_name="billing-app")
+    async with pgfeed.AsyncReader(dsn, ticker="off", probe_interval=0.1) as reader:
+        await reader.subscribe("orders", consumer="billing")
+        # The listener has probed since: its renaming (had it been wrong) came right after.
+        await _until(lambda: any("pg_notify" in q for _, q in named("billing-app")), "a probe of the listener")
+        assert len(named("billing-app")) == 2
+        assert named(f"pgfeed reader pid={os.getpid()}%") == []
+
+
+async def test_a_reader_sends_heartbeats_when_asked(
+    pgfeed_dsn: str, pgfeed_conn: Conn, make_role: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.create_stream(pgfeed_conn, "orders")
+    pgfeed.append(pgfeed_conn, "orders", {"n": 1})
+    head = take_tick(pgfeed_conn)
+
+    def seen(consumer: str) -> tuple[Any, Any]:
+        row = pgfeed_conn.execute(
+            "SELECT seen_at, seen_by FROM pgfeed.positions WHERE consumer = %s", (consumer,)
+        ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", save_interval=0.02) as reader:
+        await reader.on("orders", lambda batch: None, consumer="billing")
+        await reader.wait_for("orders", str(head))
+        assert "pgfeed-consumer-heartbeat" not in {t.get_name() for t in asyncio.all_tasks()}  # off by default
+    assert seen("billing") == (None, None)
+    async with pgfeed.AsyncReader(pgfeed_dsn, ticker="off", save_interval=0.02, heartbeat=0.05) as reader:
+        await reader.subscribe("orders", consumer="billing")  # resumes at the head of a quiet stream
+        await _until(lambda: seen("billing")[0] is not None, "a heartbeat")
+        first, by = seen("billing")
+        await _until(lambda: seen("billing")[0] > first, "the next heartbeat")
+        assert by.startswith(f"pgfeed reader pid={os.getpid()} orders consumer=billing @"), by
+        with psycopg.connect(pgfeed_dsn, autocommit=True) as c:
+            (billing,) = status.gather(c).consumers
+        assert (billing.state, billing.lag_rows, billing.seen_at is not None) == ("live", 0, True)
+
+    # A role that may not send them: off for good, in one warning; delivery goes on.
+    role = make_role()
+    admin.grant_reader(pgfeed_conn, role)
+    pgfeed_conn.execute(
+        sql.SQL("REVOKE EXECUTE ON FUNCTION pgfeed.consumer_heartbeat_v2(text, text) FROM {}").format(
+            sql.Identifier(role)
+        )
+    )
+    caplog.set_level(logging.INFO, logger="pgfeed")
+    dsn = make_conninfo(pgfeed_dsn, user=role)
+    async with pgfeed.AsyncReader(dsn, ticker="off", save_interval=0.02, heartbeat=0.02) as reader:
+        await reader.on("orders", lambda batch: None, consumer="search")
+        await _until(lambda: any("heartbeats off" in r.getMessage() for r in caplog.records), "the warning")
+        pgfeed.append(pgfeed_conn, "orders", {"n": 2})
+        await reader.wait_for("orders", str(take_tick(pgfeed_conn)))
+    warned = [r for r in caplog.records if "heartbeat" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert warned[0].levelno == logging.WARNING
+    assert "EXECUTE on pgfeed.consumer_heartbeat_v2" in warned[0].getMessage()
 
 
 # -- check exit codes --------------------------------------------------------------------

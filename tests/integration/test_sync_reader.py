@@ -379,6 +379,12 @@ def test_reader_keywords_are_the_options_fields() -> None:
         ({"pool_size": -1}, "invalid pool_size -1: expected a positive integer"),
         ({"ticker_lease": "10"}, "invalid ticker_lease '10': expected a positive number of seconds"),
         ({"ticker": "on"}, "invalid ticker 'on': expected 'auto' (tick here when no daemon does) or 'off'"),
+        ({"heartbeat": 0}, "invalid heartbeat 0: expected a positive number of seconds"),
+        (
+            {"metrics": "yes"},
+            "invalid metrics 'yes': expected a prometheus_client.CollectorRegistry, True (the default registry) "
+            "or None",
+        ),
     ],
 )
 def test_invalid_options_are_refused_in_one_line(kwargs: dict[str, Any], message: str) -> None:

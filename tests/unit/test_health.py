@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -117,14 +118,45 @@ def test_max_lag_refuses_what_it_cannot_read(bad: str) -> None:
 
 # -- application names and xids ---------------------------------------------------
 def test_application_names_round_trip_and_fit_in_63_bytes() -> None:
-    name = health.make_application_name("reader", ["orders", "audit"], "billing")
-    assert name == "pgfeed reader orders,audit consumer=billing"
-    assert health.parse_application_name(name) == AppName("reader", ("orders", "audit"), "billing")
+    name = health.make_application_name("reader", ["orders", "audit"], "billing", pid=4711)
+    assert name == "pgfeed reader pid=4711 orders,audit consumer=billing"
+    parsed = health.parse_application_name(name)
+    assert parsed is not None
+    assert parsed == AppName("reader", ("orders", "audit"), "billing", pid=4711)
+    assert parsed.holds("billing", "audit")
+    assert not parsed.holds("billing", "payments")
+    assert not parsed.holds("bill", "orders")
+    # Names without a pid (written by hand, or by an older pgfeed) still parse.
+    assert health.parse_application_name("pgfeed reader orders,audit consumer=billing") == AppName(
+        "reader", ("orders", "audit"), "billing"
+    )
     assert health.parse_application_name("pgfeed ticker") == AppName("ticker")
+    assert health.parse_application_name("pgfeed reader pid=7") == AppName("reader", pid=7)
     assert health.parse_application_name("pgfeed reader consumer=a b") == AppName("reader", (), "a b")
-    long = health.make_application_name("reader", [f"stream_{i}" for i in range(20)], "é" * 40)
+    assert not AppName("reader", ("orders",)).holds("billing", "orders")  # no consumer named
+
+
+def test_what_does_not_fit_in_an_application_name_is_left_out_visibly() -> None:
+    streams = [f"stream_{i}" for i in range(20)]
+    many = health.make_application_name("reader", streams, "billing", pid=4194304)
+    assert many == "pgfeed reader pid=4194304 stream_0,+19 consumer=billing"
+    parsed = health.parse_application_name(many)
+    assert parsed is not None
+    assert (parsed.streams, parsed.more_streams, parsed.consumer) == (("stream_0",), 19, "billing")
+    assert parsed.holds("billing", "stream_19")  # may be among those left out
+    # A consumer name too long for the rest is cut, marked, and matched as a prefix.
+    long = health.make_application_name("reader", ["orders"], "é" * 40, pid=1)
     assert len(long.encode()) <= 63
-    assert long.startswith("pgfeed reader stream_0,stream_1")
+    assert long.startswith("pgfeed reader pid=1 +1 consumer=éé")
+    assert long.endswith(health.CUT_MARK)
+    parsed = health.parse_application_name(long)
+    assert parsed is not None
+    assert parsed.consumer_cut
+    assert parsed.holds("é" * 40, "orders")
+    assert not parsed.holds("other", "orders")
+    for n in range(80):
+        fitted = health.make_application_name("reader", [f"s{i}" for i in range(n)], "c" * n, pid=99999)
+        assert len(fitted.encode()) <= 63, fitted
 
 
 @pytest.mark.parametrize("other", [None, "", "psql", "pgfeed", "pgfeedish reader", "pgfeed-victim"])
@@ -269,14 +301,17 @@ def test_the_text_report_names_what_matters() -> None:
         query="SELECT pgfeed.append('orders', '{}')",
         backend_xid=9001,
     )
-    reader = Session(pid=11, application_name="pgfeed reader orders consumer=billing", client_addr="10.0.0.5")
+    app = "pgfeed reader pid=4711 orders consumer=billing"
+    reader = [Session(pid=b, application_name=app, client_addr="10.0.0.5", usename="app") for b in (12, 11)]
+    listener = Session(pid=13, application_name="pgfeed reader pid=4711", client_addr="10.0.0.5", usename="app")
+    other = Session(pid=14, application_name="pgfeed reader pid=4711 audit", client_addr="10.0.0.6")
     st = Status(
         NOW,
         6,
         LIVE,
         [stream(captures=("public.orders",), writers=(Writer("orders", blocker, 17),))],
-        [consumer(state="stalled", lag_rows=7, lag=400.0)],
-        sessions=[reader],
+        [replace(consumer(state="stalled", lag_rows=7, lag=400.0), held_by=tuple(reader))],
+        sessions=[*reader, listener, other],
     )
     text = health.format_text(st, Thresholds())
     assert "ticker: daemon 'daemon host pid 9' (backend pid 77), term 4, leading since 10m00s ago" in text
@@ -284,10 +319,59 @@ def test_the_text_report_names_what_matters() -> None:
     assert "2.00 ticks/s" in text
     assert "public.orders" in text
     assert "orders: pid 4242 (psql, alice, 10.1.2.3) idle in transaction for 5m12s, xid 9001; 17 rows" in text
-    assert "pgfeed reader orders consumer=billing from 10.0.0.5: pids 11" in text
-    assert "live readers: 1 sessions" in text
+    assert "live readers: 2 processes, 4 sessions" in text
+    lines = text.splitlines()
+    header = lines.index("live readers: 2 processes, 4 sessions") + 1
+    columns = ["PID", "HOST", "USER", "STREAMS", "CONSUMER", "POSITION", "LAG", "ROWS", "LAG", "BACKENDS"]
+    assert lines[header].split() == columns
+    # One process (its backends grouped by the pid their names carry), the consumer it holds.
+    held = ["4711", "10.0.0.5", "app", "orders", "billing", "(orders)", "50", "7", "6m40s", "11,12,13"]
+    assert lines[header + 1].split() == held
+    assert lines[header + 2].split() == ["4711", "10.0.0.6", "-", "audit", "-", "-", "-", "-", "14"]
     line = next(li for li in text.splitlines() if li.strip().startswith("billing"))
     assert line.split() == ["billing", "app", "orders", "50", "7", "6m40s", "5.0s", "-", "stalled"]
+
+
+def test_the_json_report_lists_live_readers_by_process() -> None:
+    app = "pgfeed reader pid=4711 audit,orders,+2 consumer=billing"
+    sessions = [Session(pid=b, application_name=app, client_addr="10.0.0.5", usename="app") for b in (11, 12)]
+    held = replace(consumer(lag_rows=3, lag=1.5), held_by=tuple(sessions))
+    old_style = Session(pid=21, application_name="pgfeed reader orders consumer=search")
+    st = replace(status(LIVE, consumers=[held, consumer("search")]), sessions=[*sessions, old_style])
+    doc = json.loads(json.dumps(health.to_json(st, Thresholds())))
+    assert doc["readers"] == [
+        {
+            "pid": None,
+            "host": None,
+            "usename": None,
+            "application_names": ["pgfeed reader orders consumer=search"],
+            "streams": ["orders"],
+            "more_streams": 0,
+            "consumers": ["search"],
+            "backends": [21],
+            "positions": [],
+        },
+        {
+            "pid": 4711,
+            "host": "10.0.0.5",
+            "usename": "app",
+            "application_names": [app],
+            "streams": ["audit", "orders"],
+            "more_streams": 2,
+            "consumers": ["billing"],
+            "backends": [11, 12],
+            "positions": [
+                {
+                    "consumer": "billing",
+                    "stream": "orders",
+                    "token": "50",
+                    "lag_rows": 3,
+                    "lag_seconds": 1.5,
+                    "state": "live",
+                }
+            ],
+        },
+    ]
 
 
 def test_the_json_report_is_complete_and_says_why_it_is_unhealthy() -> None:
