@@ -7,16 +7,33 @@ ended when its snapshot was taken; every row with xid at or above its
 ``seq_lo`` that it does not see belongs to an xid it lists; no row above
 ``seq_hi`` is visible in it. They are checked here for every tick of random
 interleavings, and the two-part read of an interval against its definition.
+
+Then the model is shown to catch flawed variants of the tick and of the read
+(plausible edits; one is the first version, which broke on a real server),
+so that it can be trusted to catch the next one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from fakedb import FakeDb, FakeRow, TickAttempt, build, histories, history, pg_visible_in_snapshot, read_all
-from hypothesis import given, settings
+from fakedb import (
+    FakeDb,
+    FakeRow,
+    TickAttempt,
+    build,
+    canonical,
+    check_causal_order,
+    check_mirror,
+    histories,
+    history,
+    pg_visible_in_snapshot,
+    read_all,
+)
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 from pgfeed.core.positions import Position, Snapshot, Tick
@@ -146,3 +163,127 @@ def test_a_transaction_that_ends_while_the_tick_closes_stays_running_in_it() -> 
     assert db.ticks[-1].snapshot == Snapshot(101, 103, frozenset({101, 102}))
     db.tick()
     assert [r.xid for _, r in read_all(db, Position(1), 10, 10)] == [y.xid, x.xid]
+
+
+# -- Flawed variants the model must catch -------------------------------------
+
+
+class OpenSnapshot(FakeDb):
+    """Stores pg_current_snapshot() as it is: running xids at or above its
+    xmax are not listed."""
+
+    def close(self, a: TickAttempt) -> tuple[Snapshot, int]:
+        assert a.current is not None
+        assert a.seq_lo is not None
+        return a.current, a.seq_lo
+
+
+class AskWhetherEndedWhileClosing(FakeDb):
+    """The first version: an xid between the snapshot's xmax and the tick's
+    own counts as running only if it has not ended by the time the tick
+    closes (pg_xact_status)."""
+
+    def close(self, a: TickAttempt) -> tuple[Snapshot, int]:
+        snap, lo = super().close(a)
+        assert a.current is not None
+        running = frozenset(x for x in snap.xip if x < a.current.xmax or x not in self.ended)
+        return Snapshot(min(running, default=snap.xmax), snap.xmax, running), lo
+
+
+class OwnXidNotListed(FakeDb):
+    """Forgets that pg_current_snapshot() leaves out the taker's own xid."""
+
+    def close(self, a: TickAttempt) -> tuple[Snapshot, int]:
+        snap, lo = super().close(a)
+        running = snap.xip - {a.tx.xid}
+        return Snapshot(min(running, default=snap.xmax), snap.xmax, running), lo
+
+
+class SeqLoAfterTheXid(FakeDb):
+    """Reads seq_lo after the lease row lock gave the tick its xid."""
+
+    tick_steps = ("changed", "xid", "seq_lo", "lock", "newest", "snapshot", "seq_hi", "close", "commit")
+
+
+class SeqHiBeforeTheSnapshot(FakeDb):
+    """Reads seq_hi before the snapshot."""
+
+    tick_steps = ("changed", "seq_lo", "xid", "lock", "newest", "seq_hi", "snapshot", "close", "commit")
+
+
+class SnapshotBeforeTheLock(FakeDb):
+    """Takes the snapshot before waiting for the tick lock."""
+
+    tick_steps = ("changed", "seq_lo", "xid", "snapshot", "lock", "newest", "seq_hi", "close", "commit")
+
+
+class IntervalFromSeqHi(FakeDb):
+    """Starts the seq range of interval (a, b] at a's seq_hi, not its seq_lo."""
+
+    def interval_rows(self, a: Tick, b: Tick, after_seq: int, lim: int) -> list[FakeRow]:
+        return super().interval_rows(Tick(a.id, a.snapshot, a.seq_hi, a.seq_hi), b, after_seq, lim)
+
+
+class IntervalXidScanBelowSeqLo(FakeDb):
+    """Reads the older rows of a's running xids with seq < seq_lo, not <=."""
+
+    def interval_rows(self, a: Tick, b: Tick, after_seq: int, lim: int) -> list[FakeRow]:
+        rows = super().interval_rows(a, b, after_seq, len(self.rows) + 1)
+        return [r for r in rows if r.seq != a.seq_lo or r.xid not in a.snapshot.xip][:lim]
+
+
+FLAWED = [
+    OpenSnapshot,
+    AskWhetherEndedWhileClosing,
+    OwnXidNotListed,
+    SeqLoAfterTheXid,
+    SeqHiBeforeTheSnapshot,
+    SnapshotBeforeTheLock,
+    IntervalFromSeqHi,
+    IntervalXidScanBelowSeqLo,
+]
+#: Search, no shrinking: the point is that a failing history exists and is found.
+SEARCH = settings(max_examples=3000, derandomize=True, database=None, phases=[Phase.generate])
+
+
+def fails(check: Callable[[], None]) -> bool:
+    try:
+        check()
+    except (AssertionError, ValueError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("flawed", FLAWED, ids=lambda c: c.__name__)
+def test_the_facts_reject_a_flawed_tick_or_read(flawed: type[FakeDb]) -> None:
+    find(
+        st.fixed_dictionaries({"ops": history, **facts}),
+        lambda case: fails(lambda: check_facts(**case, db=flawed())),
+        settings=settings(SEARCH, max_examples=1000),
+    )
+
+
+def delivers_wrongly(flawed: type[FakeDb], ops: list[tuple[Any, ...]]) -> bool:
+    """Whether, once every writer is done, a reader misses or repeats a
+    committed row or breaks the order of test_positions."""
+
+    def check() -> None:
+        db = build(ops, db=flawed())
+        db.drain()
+        for limit, window in ((2, 1), (1, 3)):  # window 1: every interval is read from its own start
+            delivered = read_all(db, Position(1), limit, window)
+            assert delivered == canonical(db)
+            check_causal_order(db, delivered)
+            check_mirror(db, delivered)
+
+    return fails(check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flawed", FLAWED, ids=lambda c: c.__name__)
+def test_a_reader_of_a_flawed_tick_or_read_delivers_wrongly(flawed: type[FakeDb]) -> None:
+    find(
+        history,
+        lambda ops: delivers_wrongly(flawed, ops),
+        settings=settings(SEARCH, suppress_health_check=[HealthCheck.too_slow]),
+    )
