@@ -511,8 +511,10 @@ SESSIONS = 3  # connections of writers; each runs one transaction at a time
 TICKERS = 2  # ticker processes (two at once: a deposed leader, an old release)
 
 
-def history_op() -> st.SearchStrategy[tuple[Any, ...]]:
-    """One operation."""
+def history_op(clamped: bool = False) -> st.SearchStrategy[tuple[Any, ...]]:
+    """One operation. ``clamped``: whether create_stream_v2 may also run in a
+    transaction that already has an xid (its tick then has no seq_lo and
+    breaks causal order: see test_tick_model.py)."""
     session = st.integers(0, SESSIONS - 1)
     ticker = st.integers(0, TICKERS - 1)
     kinds = {  # how often, and with what (the first is what hypothesis shrinks towards)
@@ -523,7 +525,7 @@ def history_op() -> st.SearchStrategy[tuple[Any, ...]]:
         "xid": (2, st.tuples(session)),  # SELECT pg_current_xact_id()
         "observe": (2, st.tuples(session, st.integers(0, 50))),  # reads a committed transaction's rows
         "tick_fails": (1, st.tuples(ticker)),  # the ticker's call errors out: rollback
-        "create_stream": (1, st.tuples(session)),  # in a transaction that has no xid yet
+        "create_stream": (1, st.tuples(session, st.booleans() if clamped else st.just(False))),
     }
     return st.one_of([args.map(lambda a, k=k: (k, *a)) for k, (n, args) in kinds.items() for _ in range(n)])
 
@@ -531,11 +533,12 @@ def history_op() -> st.SearchStrategy[tuple[Any, ...]]:
 op = history_op()
 
 
-def histories(longest: int, runs: int = 0) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+def histories(longest: int, runs: int = 0, clamped: bool = False) -> st.SearchStrategy[list[tuple[Any, ...]]]:
     """Histories of up to ``longest`` operations, drawn as at least ``runs``
     runs of 5 to 15 (long enough to matter; they still shrink well, the
-    operation they shrink to does nothing)."""
-    drawn = st.lists(st.lists(op, min_size=5, max_size=15), min_size=runs, max_size=longest // 5)
+    operation they shrink to does nothing). ``clamped``: see history_op."""
+    one = history_op(clamped=True) if clamped else op
+    drawn = st.lists(st.lists(one, min_size=5, max_size=15), min_size=runs, max_size=longest // 5)
     return drawn.map(lambda rs: [o for r in rs for o in r][:longest])
 
 
@@ -596,7 +599,7 @@ class History:
         elif kind == "end":
             db.end(tx, commit=o[2])
             del self.txs[o[1]]
-        elif kind == "create_stream" and tx.xid is None:
+        elif kind == "create_stream" and (tx.xid is None or o[2]):
             db.start_embedded_tick(tx)
 
 
