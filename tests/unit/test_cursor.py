@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from fakedb import FakeDb, FakeRow, build, canonical, drive, op
+from fakedb import FakeDb, FakeRow, build, canonical, drive, histories
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,7 +125,7 @@ action = st.sampled_from(["read", "read", "read", "take", "take", "reset"])
 
 @settings(max_examples=300, deadline=None)
 @given(
-    ops=st.lists(op, max_size=80),
+    ops=histories(80),
     actions=st.lists(action, max_size=60),
     limit=st.integers(1, 5),
     window=st.integers(1, 5),
@@ -303,7 +303,7 @@ def test_only_a_caught_up_complete_position_stands_at_the_head() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=st.lists(op, max_size=60), limit=st.integers(1, 6), at=st.integers(0, 1000))
+@given(ops=histories(60), limit=st.integers(1, 6), at=st.integers(0, 1000))
 def test_prefetched_rows_plan_what_a_read_would(ops: list[tuple[Any, ...]], limit: int, at: int) -> None:
     db = build(ops)
     if len(db.ticks) < 2:
