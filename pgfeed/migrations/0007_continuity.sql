@@ -28,6 +28,9 @@
 -- * prune_v2 runs as the owner (SECURITY DEFINER), so that the daemon under
 --   `pgfeed grant ticker` keeps retention on and sees every consumer's saved
 --   position; `grant ticker` grants it.
+-- * A tick taken by create_stream_v2 inside a transaction that already
+--   wrote copies the previous tick's snapshot (it saw a set of commits that
+--   was not a prefix of the commit order).
 -- * prune_v2 protects saved positions of the form TICK.SEQ (it recognised
 --   only TICK and the 0.1 form): a consumer at a partial position was
 --   reset instead of kept.
@@ -81,7 +84,8 @@ DECLARE
     last_hi   bigint;
     last_sys  bigint;
     sys       bigint := pgfeed._system_id_v3();
-    cur_xmax  xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    cur_xmax  xid8 := greatest(pg_snapshot_xmax(pg_current_snapshot()),
+                               (coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) + 1)::text::xid8);
     n         bigint;
 BEGIN
     SELECT t.id, t.snap, t.seq_hi, t.system_id INTO last_id, last_snap, last_hi, last_sys
@@ -152,7 +156,12 @@ BEGIN
     SELECT s INTO current FROM pg_current_snapshot() AS s;
     hi := pgfeed._seq_now_v2();
     sys := pgfeed._system_id_v3();
-    IF last_snap IS NOT NULL AND pg_snapshot_xmax(current) < pg_snapshot_xmax(last_snap) THEN
+    -- The server's next xid is past the snapshot's xmax and past our own
+    -- xid (a tick this transaction took before, in create_stream_v2, has an
+    -- xmax raised to it: that is not a restore).
+    IF last_snap IS NOT NULL
+       AND greatest(pg_snapshot_xmax(current)::text::bigint, own::text::bigint + 1)
+           < pg_snapshot_xmax(last_snap)::text::bigint THEN
         RAISE EXCEPTION 'pgfeed: refusing to tick: this server''s transaction ids (%) are behind the newest tick % (%)',
             pg_snapshot_xmax(current), last_id, pg_snapshot_xmax(last_snap)
             USING ERRCODE = 'PF002',
@@ -166,21 +175,35 @@ BEGIN
                       HINT = 'See "When the database changes under you" in docs/design.md.';
         END IF;
     END IF;
-    IF lo IS NOT NULL THEN
-        top := greatest(own, pg_snapshot_xmax(current));
+    IF lo IS NULL AND last_snap IS NOT NULL THEN
+        -- Clamped (create_stream_v2 in a transaction that already has an
+        -- xid): exactly the previous tick's snapshot and seq_lo, so this tick
+        -- sees nothing new. 0004 kept only the previous xmax, with the
+        -- current list of running xids: the tick then saw transactions below
+        -- that xmax that had ended since, and not earlier commits above it,
+        -- which is not a prefix of the commit order (a model-based test found
+        -- it: a change delivered before the one it waited for). And a second
+        -- create_stream_v2 in the same transaction found its own tick's
+        -- raised xmax ahead of its snapshot and refused (PF002).
+        current := last_snap;
+        lo := last_lo;
     ELSE
-        top := coalesce(pg_snapshot_xmax(last_snap), pg_snapshot_xmax(current));
-        lo := CASE WHEN last_snap IS NULL THEN 0 ELSE last_lo END;
+        IF lo IS NOT NULL THEN
+            top := greatest(own, pg_snapshot_xmax(current));
+        ELSE  -- the first tick ever, in a transaction that wrote
+            top := pg_snapshot_xmax(current);
+            lo := 0;
+        END IF;
+        -- See 0004 for why every xid between the snapshot's xmax and top
+        -- counts as running.
+        running := ARRAY(
+            SELECT x FROM pg_snapshot_xip(current) x WHERE x < top
+            UNION SELECT own WHERE own < top
+            UNION SELECT i::text::xid8 FROM generate_series(pg_snapshot_xmax(current)::text::bigint, top::text::bigint - 1) i
+            ORDER BY 1);
+        current := format('%s:%s:%s', coalesce((SELECT min(x) FROM unnest(running) x), top), top,
+                          array_to_string(running, ','))::pg_snapshot;
     END IF;
-    -- See 0004 for why every xid between the snapshot's xmax and top counts
-    -- as running.
-    running := ARRAY(
-        SELECT x FROM pg_snapshot_xip(current) x WHERE x < top
-        UNION SELECT own WHERE own < top
-        UNION SELECT i::text::xid8 FROM generate_series(pg_snapshot_xmax(current)::text::bigint, top::text::bigint - 1) i
-        ORDER BY 1);
-    current := format('%s:%s:%s', coalesce((SELECT min(x) FROM unnest(running) x), top), top,
-                      array_to_string(running, ','))::pg_snapshot;
     taken := clock_timestamp();
     INSERT INTO pgfeed.ticks (id, snap, taken_at, seq_lo, seq_hi, term, system_id, fp)
         VALUES (coalesce(last_id, 0) + 1, current, taken, lo, hi, tick_term, sys,

@@ -179,3 +179,29 @@ async def test_rows_of_transactions_committing_in_one_interval_interleave_in_app
     rows = await delivered(pgfeed_dsn, "mixed")
     assert [r.payload for r in rows] == ["a1", "b1", "a2", "b2", "c1"]
     assert len({r.position.tick for r in rows[:4]}) == 1  # one interval
+
+
+async def test_a_stream_created_in_a_transaction_that_wrote_keeps_causal_order(
+    pgfeed_dsn: str, pgfeed_conn: Conn, items: str
+) -> None:
+    """create_stream_v2 in a transaction that already has an xid (a migration
+    that created a table first) takes a tick of its own; 0004 kept only the
+    previous tick's xmax for it, so it could see T2 (below that xmax) and not
+    T1 (above), delivering T2's change first. Found by the model-based tests
+    (tests/unit/test_tick_model.py); the tick now copies the previous one."""
+    take_tick(pgfeed_conn)
+    with psycopg.connect(pgfeed_dsn) as t2, psycopg.connect(pgfeed_dsn) as t1, psycopg.connect(pgfeed_dsn) as s:
+        t2.execute("SELECT pg_current_xact_id()")  # T2 takes its xid first
+        take_tick(pgfeed_conn)  # it lists T2 as running
+        t1.execute("UPDATE public.items SET v = 'T1' WHERE id = 1")
+        t1.commit()
+        t2.execute("UPDATE public.items SET v = 'T2' WHERE id = 1")  # after T1's commit
+        t2.commit()
+        s.execute("CREATE TABLE public.other (x int)")  # a migration's transaction
+        admin.create_stream(s, "other")
+        admin.create_stream(s, "another")  # twice in one transaction: no spurious PF002
+        s.commit()
+    take_tick(pgfeed_conn)
+    rows = await delivered(pgfeed_dsn, items)
+    assert [r.payload["row"]["v"] for r in rows][-2:] == ["T1", "T2"]
+    assert pgfeed_conn.execute("SELECT v FROM public.items WHERE id = 1").fetchone() == ("T2",)

@@ -319,7 +319,11 @@ class FakeDb:
         if a.last is not None:
             # _insert_tick_v2 refuses (PF002) a snapshot behind the newest tick's:
             # it means another cluster. On one server it must never happen.
-            assert a.current.xmax >= a.last.snapshot.xmax, f"PF002 on one server: {a.current} after {a.last}"
+            # The server's next xid is past our own, too (not a restore).
+            own = a.tx.xid
+            assert own is not None
+            next_xid = max(a.current.xmax, own + 1)
+            assert next_xid >= a.last.snapshot.xmax, f"PF002 on one server: {a.current} after {a.last}"
         snap, lo = self.close(a)
         tick = Tick((a.last.id if a.last else 0) + 1, snap, lo, a.seq_hi)
         a.tx.ticks.append(tick)
@@ -337,12 +341,17 @@ class FakeDb:
         own, current = a.tx.xid, a.current
         assert own is not None
         assert current is not None
+        if a.seq_lo is None and a.last is not None:
+            # Clamped (create_stream_v2 after its transaction wrote): exactly
+            # the previous tick's snapshot and seq_lo, so it sees nothing new.
+            # (Clamping only xmax let it see later commits below that xmax and
+            # not earlier ones above it: not a prefix of the commit order.)
+            assert a.last.seq_lo is not None
+            return a.last.snapshot, a.last.seq_lo
         if a.seq_lo is not None:
             top, lo = max(own, current.xmax), a.seq_lo
-        else:  # clamped: as far as the previous tick, with its seq_lo
-            top = current.xmax if a.last is None else a.last.snapshot.xmax
-            lo = 0 if a.last is None else a.last.seq_lo
-            assert lo is not None
+        else:  # the very first tick, in a transaction that wrote
+            top, lo = current.xmax, 0
         running = {x for x in current.xip if x < top} | ({own} if own < top else set()) | set(range(current.xmax, top))
         return Snapshot(min(running, default=top), top, frozenset(running)), lo
 

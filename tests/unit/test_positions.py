@@ -90,7 +90,6 @@ def test_every_reader_delivers_the_committed_rows_once_in_one_causal_order_deepe
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="create_stream_v2 after its transaction wrote: see test_tick_model.py")
 @settings(max_examples=1000, deadline=None, derandomize=True, database=None, phases=[Phase.generate])
 @given(ops=histories(100, clamped=True), **readers)
 def test_every_reader_delivers_in_causal_order_with_streams_created_anywhere(**case: Any) -> None:

@@ -11,7 +11,7 @@ interleavings, and the two-part read of an interval against its definition.
 Then the model is shown to catch flawed variants of the tick and of the read
 (plausible edits; one is the first version, which broke on a real server),
 so that it can be trusted to catch the next one. Last, what it found in
-create_stream_v2's tick (strict xfails, until it is settled).
+create_stream_v2's tick, fixed in migration 0007 (it copies the previous tick).
 """
 
 from __future__ import annotations
@@ -293,7 +293,6 @@ def test_a_reader_of_a_flawed_tick_or_read_delivers_wrongly(flawed: type[FakeDb]
 # -- What the model found in create_stream_v2's tick ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="create_stream_v2 in a transaction that has an xid", raises=AssertionError)
 def test_a_tick_taken_by_create_stream_in_a_writing_transaction_keeps_causal_order() -> None:
     """create_stream_v2 in a transaction that already has an xid (a migration
     that created a table first) takes a tick with no seq_lo: _insert_tick_v2
@@ -319,13 +318,12 @@ def test_a_tick_taken_by_create_stream_in_a_writing_transaction_keeps_causal_ord
     create_stream = db.start_embedded_tick(s)  # ... then SELECT pgfeed.create_stream_v2(...)
     while not create_stream.finished:
         assert db.step(create_stream)
-    db.end(s, commit=True)  # tick 3, clamped to xmax 102: sees 101, not 103
-    db.tick()  # tick 4 sees 103
+    db.end(s, commit=True)  # tick 3 copies tick 2 (0004 clamped only its xmax: it saw 101, not 103)
+    db.tick()  # tick 4 sees 101 and 103
     delivered = read_all(db, Position(1), 10, 10)
-    assert [r.xid for _, r in delivered] == [t1.xid, t2.xid]  # got [t2, t1]: 3.2 then 4.1
+    assert [r.xid for _, r in delivered] == [t1.xid, t2.xid]  # 0004 gave [t2, t1]: 3.2 then 4.1
 
 
-@pytest.mark.xfail(strict=True, reason="two create_stream_v2 in one transaction: PF002", raises=AssertionError)
 def test_two_streams_created_in_one_transaction() -> None:
     """The second create_stream_v2 in a transaction reads the first one's tick
     (its own, not committed yet) as the newest; that tick's xmax was raised to
