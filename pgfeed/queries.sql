@@ -15,8 +15,9 @@
 -- name: read_live
 -- What a woken reader learns in one read-only round trip: ticks from the
 -- known head on, the newest tick, the followed streams' incarnations, and
--- the rows of the interval ending at the head for streams standing there.
-SELECT * FROM pgfeed.read_live_v3(%s, %s::text[], %s::bigint[], %s::integer)
+-- the rows from the known head to the newest tick for streams standing at
+-- the known head.
+SELECT * FROM pgfeed.read_live_v4(%s, %s::text[], %s::bigint[], %s::integer)
 
 -- name: fetch_ticks
 -- Ticks first..last inclusive, ascending.
@@ -271,7 +272,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.positions TO {}
 
 -- name: grant_reader_functions
 GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer),
- pgfeed.read_live_v3(bigint, text[], bigint[], integer),
+ pgfeed.read_live_v3(bigint, text[], bigint[], integer), pgfeed.read_live_v4(bigint, text[], bigint[], integer),
  pgfeed.interval_rows_v2(bigint, pg_snapshot, bigint, pg_snapshot, bigint, bigint, integer),
  pgfeed.resolve_token_v2(text), pgfeed.consumer_heartbeat_v2(text, text) TO {}
 

@@ -1,15 +1,16 @@
 """How a reader learns the newest tick: one read-only round trip
-(``pgfeed.read_live_v3``) whenever it is woken (a NOTIFY on the ticks
+(``pgfeed.read_live_v4``) whenever it is woken (a NOTIFY on the ticks
 channel, a subscription that needs a fresh tick) and at least every
 ``poll_interval`` (every 0.2 s while the listener is down): the notifications
 are only hints, the poll covers any that were lost.
 
 The same round trip brings the ticks since the last one known (they fill the
 tick cache), the current incarnation of every followed stream, and the rows
-of the next interval for subscriptions standing exactly at the head (the
-prefetch: a caught-up reader reads each new tick's rows without a second
-query). It also checks that the database is still the history the reader
-read (:meth:`Refresher.refresh`); if not, every subscription resets.
+from the known head to the newest tick for subscriptions standing exactly at
+the known head (the prefetch: a caught-up reader reads the new ticks' rows
+without a second query, however many ticks were taken since it last woke).
+It also checks that the database is still the history the reader read
+(:meth:`Refresher.refresh`); if not, every subscription resets.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class Refresher:
 
     async def refresh(self, extra: Collection[str] = ()) -> tuple[Tick, dict[str, StreamMeta]]:
         """Learn the newest tick (read-only), for the followed streams and
-        ``extra``. Subscriptions standing exactly at the head get the next
-        interval's rows in the same round trip."""
+        ``extra``. Subscriptions standing exactly at the known head get the
+        rows up to the newest tick in the same round trip."""
         cursors = self._cursors()
         names = sorted({*(c.stream for c in cursors), *extra})
         started_at = self.head

@@ -50,17 +50,18 @@ class Live:
     ticks: list[Tick]  # from the reader's known head on (inclusive), ascending
     head: Tick | None  # the newest tick (None: no tick yet)
     metas: dict[str, StreamMeta]
-    prefetched: dict[str, Prefetched[StoredRow]]  # rows of the interval ending at the head, per stream
+    prefetched: dict[str, Prefetched[StoredRow]]  # rows from the known head to the newest, per stream
     server_xmax: int = 0  # the server's current snapshot xmax
 
 
 async def read_live(
     conn: AConn, known: int | None, streams: Sequence[str], after_ticks: Sequence[int], limit: int
 ) -> Live:
-    """Ticks from ``known`` on, the newest tick and the current incarnation of
-    ``streams``; for each stream whose ``after`` is the tick just before the
-    newest one (when that is ``known + 1``), the rows of that interval (at most
-    ``limit + 1``) with the stream's floor. Reads only."""
+    """Ticks from ``known`` on (at most 1,000), the newest tick and the current
+    incarnation of ``streams``; for each stream whose ``after`` is ``known``,
+    when the newest tick is among those ticks, the rows from ``known`` to the
+    newest tick (the first ``limit + 1`` in seq order) with the stream's
+    floor. Reads only."""
     cur = await conn.execute(
         query("read_live"), (NO_TICKS if known is None else known, list(streams), list(after_ticks), limit), binary=True
     )

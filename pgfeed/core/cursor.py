@@ -21,7 +21,7 @@ asks this module what follows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -205,16 +205,22 @@ def newest_named(*specs: object) -> int | None:
     return max(ticks) if ticks else None
 
 
-def plan_prefetched(pos: Position, head: Tick, found: Prefetched[Row] | None, limit: int) -> Planned[Row] | None:
-    """The delivery from rows prefetched with ``head`` (see
-    :meth:`TickCache.prefetched_for`), or None when they do not all fit in one
-    batch (read them the usual way). :class:`Interrupted` when a prune
-    reached ``pos`` before they were read."""
-    if found is None or len(found.rows) > limit:
+def plan_prefetched(
+    pos: Position, found: tuple[Sequence[Tick], Prefetched[Row]] | None, limit: int
+) -> Planned[Row] | None:
+    """The delivery from the rows prefetched with the newest tick (see
+    :meth:`TickCache.prefetched_for`: the ticks after ``pos`` up to it, and
+    the first ``limit + 1`` rows between), planned as a range read over that
+    window of ticks would be; None when nothing is prefetched or no tick of
+    the window fits in one batch (read them the usual way).
+    :class:`Interrupted` when a prune reached ``pos`` before they were read."""
+    if found is None:
         return None
-    if found.floor > pos.tick:
-        raise Interrupted(f"the stream was pruned up to tick {found.floor}")
-    return plan_window([head], found.rows, limit)
+    window, prefetched = found
+    if prefetched.floor > pos.tick:
+        raise Interrupted(f"the stream was pruned up to tick {prefetched.floor}")
+    planned = plan_window(window, prefetched.rows, limit)
+    return planned if planned.end is not None else None
 
 
 class Cursor:

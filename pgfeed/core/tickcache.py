@@ -24,8 +24,9 @@ COVERING_RUN = 256
 
 @dataclass(frozen=True)
 class Prefetched(Generic[R]):
-    """The rows of one stream's interval ending at the newest tick, read in the
-    same round trip as that tick, with the stream's floor as of that read."""
+    """The rows of one stream from the reader's known head to the newest tick
+    (the first ``limit + 1`` in seq order), read in the same round trip as that
+    tick, with the stream's floor as of that read."""
 
     rows: Sequence[R]
     floor: int
@@ -37,8 +38,9 @@ class TickCache(Generic[R]):
 
     ticks: dict[int, Tick] = field(default_factory=dict)
     limit: int = 200_000
-    #: (stream, the tick just before the newest) -> the rows of that one interval.
-    prefetched: dict[tuple[str, int], Prefetched[R]] = field(default_factory=dict)
+    #: (stream, the known head a read started from, the newest tick it found)
+    #: -> the rows between the two.
+    prefetched: dict[tuple[str, int, int], Prefetched[R]] = field(default_factory=dict)
 
     def get(self, tick_id: int) -> Tick | None:
         return self.ticks.get(tick_id)
@@ -106,17 +108,20 @@ class TickCache(Generic[R]):
         return None
 
     def remember_prefetched(self, known: int | None, head: int, found: dict[str, Prefetched[R]]) -> None:
-        """Keep the rows read with tick ``head`` when they are one interval
-        past ``known`` (the head the read started from), replacing older ones."""
-        if known is not None and head == known + 1:
-            self.prefetched = {(name, known): rows for name, rows in found.items()}
+        """Keep the rows read with tick ``head`` from ``known`` (the head the
+        read started from), replacing older ones."""
+        if known is not None and head > known:
+            self.prefetched = {(name, known, head): rows for name, rows in found.items()}
 
-    def prefetched_for(self, stream: str, pos: Position, head: int) -> Prefetched[R] | None:
-        """The rows prefetched for reading ``stream`` from ``pos`` to ``head``:
-        only from a complete position one tick before the head."""
-        if not pos.complete or head != pos.tick + 1:
+    def prefetched_for(self, stream: str, pos: Position, head: int) -> tuple[list[Tick], Prefetched[R]] | None:
+        """The ticks after ``pos`` up to ``head`` and the rows prefetched
+        between them, for reading ``stream`` from ``pos``: only from a complete
+        position, and only while every one of those ticks is cached."""
+        if not pos.complete:
             return None
-        return self.prefetched.get((stream, pos.tick))
+        found = self.prefetched.get((stream, pos.tick, head))
+        window = self.run(pos.tick + 1, head) if found is not None else None
+        return None if found is None or window is None else (window, found)
 
 
 def same_tick(a: Tick, b: Tick) -> bool:

@@ -201,7 +201,7 @@ def test_reader_reads_but_cannot_write_tick_or_change_anything(
     assert r.execute("SELECT payload FROM pgfeed.events").fetchall() == [({"n": 1},)]
     assert r.execute("SELECT count(*) FROM pgfeed.ticks").fetchone()[0] >= 1  # type: ignore[index]
     assert {n for (n,) in r.execute("SELECT name FROM pgfeed.streams")} == {"caches", "orders", "other"}
-    live = r.execute("SELECT tick_id FROM pgfeed.read_live_v2(0, ARRAY['orders'], ARRAY[0::bigint], 10)").fetchall()
+    live = r.execute("SELECT tick_id FROM pgfeed.read_live_v4(0, ARRAY['orders'], ARRAY[0::bigint], 10)").fetchall()
     assert live
     assert r.execute("SELECT pgfeed.resolve_token_v2('x1')").fetchone() is not None
     denied(r, "SELECT id FROM pgfeed.tick_v1()")

@@ -302,28 +302,31 @@ def test_only_a_caught_up_complete_position_stands_at_the_head() -> None:
     assert not c.stands_at(4)
 
 
-@settings(max_examples=200, deadline=None)
-@given(ops=histories(60), limit=st.integers(1, 6), at=st.integers(0, 1000))
-def test_prefetched_rows_plan_what_a_read_would(ops: list[tuple[Any, ...]], limit: int, at: int) -> None:
+@settings(max_examples=300, deadline=None)
+@given(ops=histories(60), limit=st.integers(1, 6), at=st.integers(0, 1000), span=st.integers(1, 6))
+def test_prefetched_rows_plan_what_a_read_would(ops: list[tuple[Any, ...]], limit: int, at: int, span: int) -> None:
     db = build(ops)
     if len(db.ticks) < 2:
         return
     i = at % (len(db.ticks) - 1)
-    start, head = db.ticks[i], db.ticks[i + 1]
+    start, window = db.ticks[i], db.ticks[i + 1 : i + 1 + span]
+    head = window[-1]
     pos = Position(start.id)
-    # What read_live_v2 returns: the first limit + 1 rows of the interval.
+    # What read_live_v4 returns: the first limit + 1 rows from the known head
+    # to the newest tick, however many ticks lie between.
     rows = db.fetch_rows(NeedRows(start, head, limit + 1))
-    planned = plan_prefetched(pos, head, Prefetched(rows, floor=0), limit)
-    if len(rows) > limit:
-        assert planned is None, "more than a batch: read them the usual way"
-    else:
-        assert planned is not None
-        assert (planned.rows, planned.end) == drive(db, pos, head.id, limit, 1)
+    planned = plan_prefetched(pos, (window, Prefetched(rows, floor=0)), limit)
+    if len(rows) <= limit:
+        assert planned is not None, "everything fits: no second query"
+    if planned is not None:
+        assert planned.end is not None
+        assert planned.end > pos
+        assert (planned.rows, planned.end) == drive(db, pos, head.id, limit, len(window))
 
 
 def test_prefetched_rows_behind_a_prune_interrupt_the_read() -> None:
     db = FakeDb()
     first, second = db.tick(), db.tick()
-    assert plan_prefetched(Position(1), second, None, 5) is None
+    assert plan_prefetched(Position(1), None, 5) is None
     with pytest.raises(Interrupted, match="pruned up to tick 2"):
-        plan_prefetched(Position(first.id), second, Prefetched([], floor=2), 5)
+        plan_prefetched(Position(first.id), ([second], Prefetched([], floor=2)), 5)

@@ -88,16 +88,21 @@ def test_a_tick_with_other_seq_bounds_or_another_known_fingerprint_is_a_changed_
     assert cache.changed([tick(1), replace(tick(2), fp=22), tick(3)]) is None
 
 
-def test_prefetched_rows_serve_only_a_complete_position_one_tick_before_the_head() -> None:
+def test_prefetched_rows_serve_only_a_complete_position_at_the_known_head_with_its_ticks_cached() -> None:
     cache: TickCache[str] = TickCache()
     found = Prefetched(["row"], floor=0)
-    cache.remember_prefetched(known=4, head=6, found={"s": found})
-    assert not cache.prefetched, "not one interval past the head the read started from"
     cache.remember_prefetched(known=None, head=6, found={"s": found})
-    assert not cache.prefetched
+    assert not cache.prefetched, "no known head: nothing was prefetched"
+    cache.remember_prefetched(known=6, head=6, found={"s": found})
+    assert not cache.prefetched, "no new tick"
+    cache.remember_prefetched(known=3, head=6, found={"s": found})
+    assert cache.prefetched_for("s", Position(3), 6) is None, "ticks 4..6 are not cached"
+    cache.add(ticks(4, 6))
+    assert cache.prefetched_for("s", Position(3), 6) == (ticks(4, 6), found)
+    assert cache.prefetched_for("t", Position(3), 6) is None
+    assert cache.prefetched_for("s", Position(3, 2), 6) is None, "inside an interval"
+    assert cache.prefetched_for("s", Position(3), 7) is None, "another head"
+    assert cache.prefetched_for("s", Position(4), 6) is None, "another start"
     cache.remember_prefetched(known=5, head=6, found={"s": found})
-    assert cache.prefetched_for("s", Position(5), 6) is found
-    assert cache.prefetched_for("t", Position(5), 6) is None
-    assert cache.prefetched_for("s", Position(5, 3), 6) is None
-    assert cache.prefetched_for("s", Position(5), 7) is None
-    assert cache.prefetched_for("s", Position(4), 5) is None
+    assert cache.prefetched_for("s", Position(5), 6) == ([tick(6)], found)
+    assert cache.prefetched_for("s", Position(3), 6) is None, "replaced by the newer read"
