@@ -39,7 +39,7 @@ class RangeReader:
         """The next batch of ``stream`` after ``pos``; :class:`Interrupted`
         when it was pruned or dropped meanwhile."""
         limit = self._options.batch_size
-        planned = plan_prefetched(pos, self._ticks.prefetched_for(stream, pos, head.id), limit)
+        planned = plan_prefetched(pos, self._ticks.prefetched_for(stream, pos), limit)
         if planned is not None:
             return planned
         steps = read_step(pos, head.id, limit, self._options.tick_window)

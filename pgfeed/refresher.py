@@ -121,7 +121,14 @@ class Refresher:
         names = sorted({*(c.stream for c in cursors), *extra})
         started_at = self.head
         known = started_at.id if started_at is not None else None
-        caught_up = {c.stream for c in cursors if c.stands_at(known)}
+        # Standing at the known head, or about to: rows read by the previous
+        # refresh take it there without a query (its subscription has not
+        # planned them yet: this refresh began first).
+        caught_up = {
+            c.stream
+            for c in cursors
+            if c.stands_at(known) or (c.fetch is not None and self._ticks.prefetched_to(c.stream, c.fetch) == known)
+        }
         after = [known if known is not None and name in caught_up else -1 for name in names]
         try:
             async with self._borrow() as conn:

@@ -208,10 +208,10 @@ def newest_named(*specs: object) -> int | None:
 def plan_prefetched(
     pos: Position, found: tuple[Sequence[Tick], Prefetched[Row]] | None, limit: int
 ) -> Planned[Row] | None:
-    """The delivery from the rows prefetched with the newest tick (see
-    :meth:`TickCache.prefetched_for`: the ticks after ``pos`` up to it, and
-    the first ``limit + 1`` rows between), planned as a range read over that
-    window of ticks would be; None when nothing is prefetched or no tick of
+    """The delivery from rows prefetched with a newer tick (see
+    :meth:`TickCache.prefetched_for`: the ticks after ``pos`` up to that
+    tick, and the first ``limit + 1`` rows between), planned as a range read
+    over that window of ticks would be; None when nothing is prefetched or no tick of
     the window fits in one batch (read them the usual way).
     :class:`Interrupted` when a prune reached ``pos`` before they were read."""
     if found is None:

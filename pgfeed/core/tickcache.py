@@ -38,9 +38,9 @@ class TickCache(Generic[R]):
 
     ticks: dict[int, Tick] = field(default_factory=dict)
     limit: int = 200_000
-    #: (stream, the known head a read started from, the newest tick it found)
-    #: -> the rows between the two.
-    prefetched: dict[tuple[str, int, int], Prefetched[R]] = field(default_factory=dict)
+    #: (stream, the known head a read started from) -> the newest tick it
+    #: found and the rows between the two.
+    prefetched: dict[tuple[str, int], tuple[int, Prefetched[R]]] = field(default_factory=dict)
 
     def get(self, tick_id: int) -> Tick | None:
         return self.ticks.get(tick_id)
@@ -109,19 +109,28 @@ class TickCache(Generic[R]):
 
     def remember_prefetched(self, known: int | None, head: int, found: dict[str, Prefetched[R]]) -> None:
         """Keep the rows read with tick ``head`` from ``known`` (the head the
-        read started from), replacing older ones."""
-        if known is not None and head > known:
-            self.prefetched = {(name, known, head): rows for name, rows in found.items()}
+        read started from), and the earlier reads that end at ``known`` (a
+        subscription that has not planned them yet goes on with these)."""
+        if known is None or head <= known:
+            return
+        kept = {k: v for k, v in self.prefetched.items() if v[0] == known}
+        kept.update({(name, known): (head, rows) for name, rows in found.items()})
+        self.prefetched = kept
 
-    def prefetched_for(self, stream: str, pos: Position, head: int) -> tuple[list[Tick], Prefetched[R]] | None:
-        """The ticks after ``pos`` up to ``head`` and the rows prefetched
-        between them, for reading ``stream`` from ``pos``: only from a complete
+    def prefetched_for(self, stream: str, pos: Position) -> tuple[list[Tick], Prefetched[R]] | None:
+        """The ticks after ``pos`` up to the newest tick a read from there
+        found, and the rows prefetched between them: only from a complete
         position, and only while every one of those ticks is cached."""
-        if not pos.complete:
+        entry = self.prefetched.get((stream, pos.tick)) if pos.complete else None
+        if entry is None:
             return None
-        found = self.prefetched.get((stream, pos.tick, head))
-        window = self.run(pos.tick + 1, head) if found is not None else None
-        return None if found is None or window is None else (window, found)
+        window = self.run(pos.tick + 1, entry[0])
+        return None if window is None else (window, entry[1])
+
+    def prefetched_to(self, stream: str, pos: Position) -> int | None:
+        """The tick the rows prefetched from ``pos`` reach (None: none were)."""
+        entry = self.prefetched.get((stream, pos.tick)) if pos.complete else None
+        return None if entry is None else entry[0]
 
 
 def same_tick(a: Tick, b: Tick) -> bool:

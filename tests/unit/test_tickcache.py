@@ -88,7 +88,7 @@ def test_a_tick_with_other_seq_bounds_or_another_known_fingerprint_is_a_changed_
     assert cache.changed([tick(1), replace(tick(2), fp=22), tick(3)]) is None
 
 
-def test_prefetched_rows_serve_only_a_complete_position_at_the_known_head_with_its_ticks_cached() -> None:
+def test_prefetched_rows_serve_a_complete_position_at_the_known_head_with_its_ticks_cached() -> None:
     cache: TickCache[str] = TickCache()
     found = Prefetched(["row"], floor=0)
     cache.remember_prefetched(known=None, head=6, found={"s": found})
@@ -96,13 +96,27 @@ def test_prefetched_rows_serve_only_a_complete_position_at_the_known_head_with_i
     cache.remember_prefetched(known=6, head=6, found={"s": found})
     assert not cache.prefetched, "no new tick"
     cache.remember_prefetched(known=3, head=6, found={"s": found})
-    assert cache.prefetched_for("s", Position(3), 6) is None, "ticks 4..6 are not cached"
+    assert cache.prefetched_for("s", Position(3)) is None, "ticks 4..6 are not cached"
     cache.add(ticks(4, 6))
-    assert cache.prefetched_for("s", Position(3), 6) == (ticks(4, 6), found)
-    assert cache.prefetched_for("t", Position(3), 6) is None
-    assert cache.prefetched_for("s", Position(3, 2), 6) is None, "inside an interval"
-    assert cache.prefetched_for("s", Position(3), 7) is None, "another head"
-    assert cache.prefetched_for("s", Position(4), 6) is None, "another start"
-    cache.remember_prefetched(known=5, head=6, found={"s": found})
-    assert cache.prefetched_for("s", Position(5), 6) == ([tick(6)], found)
-    assert cache.prefetched_for("s", Position(3), 6) is None, "replaced by the newer read"
+    assert cache.prefetched_for("s", Position(3)) == (ticks(4, 6), found)
+    assert cache.prefetched_to("s", Position(3)) == 6
+    assert cache.prefetched_for("t", Position(3)) is None
+    assert cache.prefetched_for("s", Position(3, 2)) is None, "inside an interval"
+    assert cache.prefetched_to("s", Position(3, 2)) is None
+    assert cache.prefetched_for("s", Position(4)) is None, "another start"
+
+
+def test_a_read_from_the_known_head_keeps_the_rows_that_lead_to_it() -> None:
+    # A refresh can begin before a subscription planned the previous one's
+    # rows: the subscription goes on with those, then with the new ones.
+    cache: TickCache[str] = TickCache()
+    cache.add(ticks(1, 9))
+    first, second, other = Prefetched(["a"], floor=0), Prefetched(["b"], floor=0), Prefetched(["c"], floor=0)
+    cache.remember_prefetched(known=3, head=6, found={"s": first, "t": other})
+    cache.remember_prefetched(known=6, head=8, found={"s": second})
+    assert cache.prefetched_for("s", Position(3)) == (ticks(4, 6), first)
+    assert cache.prefetched_for("s", Position(6)) == (ticks(7, 8), second)
+    assert cache.prefetched_for("t", Position(3)) == (ticks(4, 6), other)
+    cache.remember_prefetched(known=8, head=9, found={})
+    assert cache.prefetched_for("s", Position(3)) is None, "reads that end before the known head are dropped"
+    assert cache.prefetched_to("s", Position(6)) == 8
