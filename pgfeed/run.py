@@ -40,21 +40,15 @@ from pgfeed.aio import call
 from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import PgfeedError, UsageError, one_line
+from pgfeed.errors import HandlerNotFound as HandlerNotFound  # re-exported: its former home
+from pgfeed.errors import PgfeedError, one_line
+from pgfeed.errors import RunFailed as RunFailed  # re-exported: its former home
 from pgfeed.log import get_logger
 from pgfeed.reader import AsyncReader, Batch, Subscription
 
 log = get_logger("pgfeed.run")
 
 Handler = Callable[[Batch], Any]
-
-
-class HandlerNotFound(UsageError):
-    """The handler's MODULE:FUNCTION does not import."""
-
-
-class RunFailed(PgfeedError):
-    """The handler kept failing on one batch; the run stopped before it."""
 
 
 @dataclass(frozen=True)

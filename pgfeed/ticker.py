@@ -56,6 +56,7 @@ from psycopg import sql
 from pgfeed.connect import connect_error, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import NotMigrated, PgfeedError, UsageError, one_line, translate
+from pgfeed.errors import TickerUnavailable as TickerUnavailable  # re-exported: its former home
 from pgfeed.log import get_logger
 from pgfeed.queries import query, template
 
@@ -72,10 +73,6 @@ Borrow = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 class _Superseded(Exception):
     """tick_v2 refused this ticker's term (PF001)."""
-
-
-class TickerUnavailable(PgfeedError):
-    """This role or server cannot tick (no ticker grant, read-only, or a standby)."""
 
 
 @dataclass
