@@ -11,10 +11,12 @@ and accepts only Unix-socket connections.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -248,6 +250,16 @@ def with_keepalives(conninfo: str) -> str:
     """Add TCP keepalives unless the DSN already sets them."""
     params = {k: v for k, v in KEEPALIVES.items() if k not in pg_conninfo.conninfo_to_dict(conninfo)}
     return pg_conninfo.make_conninfo(conninfo, **params)
+
+
+def cut_connection(conn: psycopg.BaseConnection[Any]) -> None:
+    """Shut down ``conn``'s socket: its pending and later operations fail at once.
+
+    For a connection that stopped answering (a half-open link, a server that
+    hangs): cancelling the query instead would send a cancel request that
+    hangs too. The caller still closes the connection."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def connect(

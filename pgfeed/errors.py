@@ -83,6 +83,18 @@ class ReaderClosed(PgfeedError):
     """The reader is closed."""
 
 
+class TickerUnavailable(PgfeedError):
+    """This role or server cannot tick (no ticker grant, read-only, or a standby)."""
+
+
+class HandlerNotFound(UsageError):
+    """The handler's MODULE:FUNCTION does not import."""
+
+
+class RunFailed(PgfeedError):
+    """The handler kept failing on one batch; the run stopped before it."""
+
+
 class EmbeddedUnavailable(PgfeedError):
     """No DSN given and the embedded PostgreSQL is not installed: pip install 'pgfeed[embedded]', \
 or pass --dsn / set PGFEED_DSN."""

@@ -5,6 +5,7 @@ and stops the subscription before a batch its handler keeps failing on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -70,34 +71,29 @@ class Handlers:
     async def _handle(self, sub: Subscription, fn: Handler, batch: Batch) -> None:
         """``fn(batch)``, retried with backoff on the same batch up to
         ``retries`` times; then :class:`HandlerFailed`."""
-        backoff = Backoff()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                await call(fn, batch)
-                return
-            except Exception as exc:
-                if attempts > self._retries:
-                    raise HandlerFailed(
-                        f"the handler of stream {sub.stream!r} failed {attempts} times on the batch up to "
-                        f"{batch.position}: {type(exc).__name__}: {one_line(exc)}; its subscription stopped at "
-                        f"{sub.position} (the batch counts as not delivered)",
-                        stream=sub.stream,
-                        position=sub.position,
-                        batch_position=batch.position,
-                        attempts=attempts,
-                    ) from exc
-                delay = backoff.next_delay()
-                log.warning(
-                    "subscriber callback failed; retrying the same batch",
-                    stream=sub.stream,
-                    batch=str(batch.position),
-                    attempt=attempts,
-                    retry_in=round(delay, 3),
-                    error=f"{type(exc).__name__}: {one_line(exc)}",
-                )
-                await asyncio.sleep(delay)
+
+        def retrying(exc: Exception, attempts: int, delay: float) -> None:
+            log.warning(
+                "subscriber callback failed; retrying the same batch",
+                stream=sub.stream,
+                batch=str(batch.position),
+                attempt=attempts,
+                retry_in=round(delay, 3),
+                error=f"{type(exc).__name__}: {one_line(exc)}",
+            )
+
+        def give_up(exc: Exception, attempts: int) -> HandlerFailed:
+            return HandlerFailed(
+                f"the handler of stream {sub.stream!r} failed {attempts} times on the batch up to "
+                f"{batch.position}: {type(exc).__name__}: {one_line(exc)}; its subscription stopped at "
+                f"{sub.position} (the batch counts as not delivered)",
+                stream=sub.stream,
+                position=sub.position,
+                batch_position=batch.position,
+                attempts=attempts,
+            )
+
+        await call_until_taken(fn, batch, self._retries, retrying=retrying, give_up=give_up)
 
     async def _stopped(self, sub: Subscription, exc: HandlerFailed) -> None:
         """Stop ``sub`` before the batch its handler could not take and say so."""
@@ -112,6 +108,46 @@ class Handlers:
                 await call(hook, sub.stream, exc)
             except Exception:
                 log.exception("on_error hook failed", stream=sub.stream)
+
+
+async def call_until_taken(
+    fn: Handler,
+    batch: Batch,
+    retries: int,
+    *,
+    retrying: Callable[[Exception, int, float], None],
+    give_up: Callable[[Exception, int], PgfeedError],
+    stop: asyncio.Event | None = None,
+) -> bool:
+    """Call ``fn(batch)`` until it returns, then True: the handler took the batch.
+
+    After a failure it is called again with the same batch, with backoff, up
+    to ``retries`` times; ``retrying(exc, attempts, delay)`` is told before
+    each wait. Once they are spent, ``give_up(exc, attempts)`` is raised from
+    the handler's exception. With ``stop``, a wait ends when it is set, and
+    then False: the batch was not taken (it must not be acknowledged).
+    The one retry loop of :meth:`AsyncReader.on` handlers and ``pgfeed run``.
+    """
+    backoff = Backoff()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await call(fn, batch)
+            return True
+        except Exception as exc:
+            if attempts > retries:
+                raise give_up(exc, attempts) from exc
+            delay = backoff.next_delay()
+            retrying(exc, attempts, delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            if stop.is_set():
+                return False
 
 
 def reached(pos: Position | None, target: Position) -> bool:

@@ -13,9 +13,7 @@ by polling alone. Reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from pgfeed.aio import Signal
+from pgfeed.connect import cut_connection
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import one_line
 from pgfeed.log import get_logger
@@ -142,8 +141,7 @@ class Listener:
         if task in done:
             task.result()
             return
-        with contextlib.suppress(OSError):
-            socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+        cut_connection(conn)
         await asyncio.wait({task}, timeout=timeout)
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: the connection is being replaced anyway

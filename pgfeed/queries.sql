@@ -163,11 +163,15 @@ SELECT pgfeed._history_break_v3()
 
 -- name: restore_state
 -- The repair's view of a restored database: why ticks cannot continue, the
--- newest tick's xmax, the server's, and how many rows the repair would move.
+-- newest tick's xmax and the server's.
 SELECT pgfeed._history_break_v3(),
        (SELECT pg_snapshot_xmax(t.snap)::text::bigint FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1),
-       pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
-       pgfeed.repair_restamp_v3(true)
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+
+-- name: repair_count
+-- How many rows the repair would move (repair_restamp_v3's dry run: it
+-- counts them under the tick lock and changes nothing).
+SELECT pgfeed.repair_restamp_v3(true)
 
 -- name: set_synchronous_commit_off
 -- Burning transaction ids need not wait for the disk.

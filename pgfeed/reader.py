@@ -56,6 +56,7 @@ from pgfeed.errors import (
     HandlerFailed,
     PgfeedError,
     ReaderClosed,
+    TickerUnavailable,
     UsageError,
     WaitTimeout,
     forked_error,
@@ -75,7 +76,7 @@ from pgfeed.resolver import Resolver, Since
 from pgfeed.saver import PositionSaver
 from pgfeed.store import StoredRow
 from pgfeed.subscription import Batch, Feed, Row, Subscription
-from pgfeed.ticker import Ticker, TickerUnavailable
+from pgfeed.ticker import Ticker
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

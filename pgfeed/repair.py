@@ -54,7 +54,9 @@ def repair_after_restore(conn: psycopg.Connection[Any], *, dry_run: bool = False
     if not conn.autocommit:
         raise UsageError("repair_after_restore needs a connection in autocommit mode")
     try:
-        reason, tick_xmax, server_xmax, rows = _one(conn, query("restore_state"))
+        reason, tick_xmax, server_xmax = _one(conn, query("restore_state"))
+        # Counted only for a dry run: the repair itself reports the rows it moved.
+        (rows,) = _one(conn, query("repair_count")) if dry_run and reason is not None else (0,)
     except psycopg.Error as exc:
         raise translate(exc, "checking the restored history") from None
     behind = max(0, int(tick_xmax or 0) - int(server_xmax))

@@ -36,25 +36,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pgfeed.aio import call
-from pgfeed.core.backoff import Backoff
 from pgfeed.core.names import check_stream_name
 from pgfeed.core.positions import Position
-from pgfeed.errors import PgfeedError, UsageError, one_line
+from pgfeed.errors import HandlerNotFound as HandlerNotFound  # re-exported: its former home
+from pgfeed.errors import PgfeedError, one_line
+from pgfeed.errors import RunFailed as RunFailed  # re-exported: its former home
+from pgfeed.handlers import call_until_taken
 from pgfeed.log import get_logger
 from pgfeed.reader import AsyncReader, Batch, Subscription
 
 log = get_logger("pgfeed.run")
 
 Handler = Callable[[Batch], Any]
-
-
-class HandlerNotFound(UsageError):
-    """The handler's MODULE:FUNCTION does not import."""
-
-
-class RunFailed(PgfeedError):
-    """The handler kept failing on one batch; the run stopped before it."""
 
 
 @dataclass(frozen=True)
@@ -202,42 +195,36 @@ async def _handle(
 ) -> bool:
     """Call the handler until it returns (True) or ``retries`` are spent
     (:class:`RunFailed`); False when stopped during a backoff."""
-    backoff = Backoff()
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            await call(handler, batch)
-            return True
-        except Exception as exc:
-            stats.failures += 1
-            if attempts > options.retries:
-                raise RunFailed(
-                    f"{options.handler_name} failed {attempts} times on the batch after position {sub.position} "
-                    f"of stream {options.stream!r} (up to {batch.position}): {_one_line(exc)}; consumer "
-                    f"{options.consumer!r} stays at {sub.position}"
-                ) from exc
-            delay = backoff.next_delay()
-            log.warning(
-                "handler failed; retrying the same batch",
-                stream=options.stream,
-                consumer=options.consumer,
-                batch=str(batch.position),
-                attempt=attempts,
-                retry_in=round(delay, 3),
-                error=_one_line(exc),
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-            if stop.is_set():
-                log.warning(
-                    "stopping during a retry; the batch was not handled and comes again",
-                    stream=options.stream,
-                    consumer=options.consumer,
-                    batch=str(batch.position),
-                )
-                return False
+
+    def retrying(exc: Exception, attempts: int, delay: float) -> None:
+        stats.failures += 1
+        log.warning(
+            "handler failed; retrying the same batch",
+            stream=options.stream,
+            consumer=options.consumer,
+            batch=str(batch.position),
+            attempt=attempts,
+            retry_in=round(delay, 3),
+            error=_one_line(exc),
+        )
+
+    def give_up(exc: Exception, attempts: int) -> RunFailed:
+        stats.failures += 1
+        return RunFailed(
+            f"{options.handler_name} failed {attempts} times on the batch after position {sub.position} "
+            f"of stream {options.stream!r} (up to {batch.position}): {_one_line(exc)}; consumer "
+            f"{options.consumer!r} stays at {sub.position}"
+        )
+
+    if await call_until_taken(handler, batch, options.retries, retrying=retrying, give_up=give_up, stop=stop):
+        return True
+    log.warning(
+        "stopping during a retry; the batch was not handled and comes again",
+        stream=options.stream,
+        consumer=options.consumer,
+        batch=str(batch.position),
+    )
+    return False
 
 
 async def _acknowledge(sub: Subscription, position: Position) -> None:

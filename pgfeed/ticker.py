@@ -53,9 +53,10 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from pgfeed.connect import connect_error, with_keepalives
+from pgfeed.connect import connect_error, cut_connection, with_keepalives
 from pgfeed.core.backoff import Backoff
 from pgfeed.errors import NotMigrated, PgfeedError, UsageError, one_line, translate
+from pgfeed.errors import TickerUnavailable as TickerUnavailable  # re-exported: its former home
 from pgfeed.log import get_logger
 from pgfeed.queries import query, template
 
@@ -72,10 +73,6 @@ Borrow = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 class _Superseded(Exception):
     """tick_v2 refused this ticker's term (PF001)."""
-
-
-class TickerUnavailable(PgfeedError):
-    """This role or server cannot tick (no ticker grant, read-only, or a standby)."""
 
 
 @dataclass
@@ -319,7 +316,7 @@ class Ticker:
                 cur = await conn.execute(statement, params)
                 return await cur.fetchone()
         except TimeoutError:
-            _shutdown(conn)
+            cut_connection(conn)
             raise
         except (pgerrors.InsufficientPrivilege, pgerrors.ReadOnlySqlTransaction) as exc:
             raise TickerUnavailable(f"this role or server cannot tick: {one_line(exc)}") from None
@@ -347,12 +344,6 @@ class Ticker:
         if self.term is not None:
             log.info("ticker no longer leads", term=self.term, reason=why)
         self.term = None
-
-
-def _shutdown(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Cut a connection that stopped answering (a cancel request would hang too)."""
-    with contextlib.suppress(OSError):
-        socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
 
 def _primary(exc: psycopg.Error) -> str:

@@ -10,8 +10,8 @@ import click
 from pgfeed.core.cursor import check_spec
 from pgfeed.core.durations import parse_duration
 from pgfeed.core.names import check_stream_name
-from pgfeed.errors import UsageError
-from pgfeed.run import HandlerNotFound, RunOptions, load_handler, run_consumer
+from pgfeed.errors import HandlerNotFound, UsageError
+from pgfeed.run import RunOptions, load_handler, run_consumer
 
 
 def _checked(parse: Any) -> Any:

@@ -471,14 +471,24 @@ def consumer_state(
     return "idle"
 
 
+def ticker_refusal(ticker: TickerStatus) -> str | None:
+    """One line when the ticker refuses to tick on this database (a restore
+    that needs ``pgfeed repair --after-restore``); None when ticks can continue."""
+    if ticker.history_break is None:
+        return None
+    return f"ticker refuses to tick: {ticker.history_break}"
+
+
 def ticker_problem(status: Status, thresholds: Thresholds) -> str | None:
-    """One line when committed rows wait for a tick that nobody takes: no live
-    lease and the newest tick older than ``max_tick_age`` (dead), or a live
-    lease but rows waiting longer than that (stuck). None otherwise: an idle
-    database without a ticker is healthy."""
+    """One line when the ticker refuses to tick (:func:`ticker_refusal`) or
+    committed rows wait for a tick that nobody takes: no live lease and the
+    newest tick older than ``max_tick_age`` (dead), or a live lease but rows
+    waiting longer than that (stuck). None otherwise: an idle database
+    without a ticker is healthy."""
     t = status.ticker
-    if t.history_break is not None:
-        return f"ticker refuses to tick: {t.history_break}"
+    refusal = ticker_refusal(t)
+    if refusal is not None:
+        return refusal
     pending = status.pending_rows
     if pending == 0:
         return None
@@ -532,8 +542,9 @@ def check_problems(status: Status, thresholds: Thresholds, *, expected_version: 
             f"{expected_version}: run `pgfeed migrate`"
         )
     t = status.ticker
-    if t.history_break is not None:
-        out.append(f"ticker refuses to tick: {t.history_break}")
+    refusal = ticker_refusal(t)
+    if refusal is not None:
+        out.append(refusal)
     elif not t.live:
         beat = age(status.now, t.heartbeat_at)
         last = f" (last holder {t.holder!r}, heartbeat {fmt_age(beat)} ago)" if t.holder and beat is not None else ""

@@ -24,7 +24,8 @@ from ticking import daemon
 import pgfeed
 from pgfeed import admin, status
 from pgfeed.core.positions import Position
-from pgfeed.run import HandlerNotFound, load_handler
+from pgfeed.errors import HandlerNotFound
+from pgfeed.run import load_handler
 
 Conn = psycopg.Connection[Any]
 

@@ -270,6 +270,15 @@ def test_check_wants_a_live_ticker_and_the_expected_schema() -> None:
     assert health.check_summary(status()).startswith("ok: schema version 6, ticker daemon 'daemon host pid 9', term 4")
 
 
+def test_status_and_check_name_a_refusal_to_tick_in_the_same_line() -> None:
+    why = "this database was restored into another cluster: run `pgfeed repair --after-restore`"
+    for ticker in (LIVE, DEAD):
+        refused = status(replace(ticker, history_break=why), [stream(pending=0)])
+        line = f"ticker refuses to tick: {why}"
+        assert health.problems(refused, Thresholds()) == [line]
+        assert health.check_problems(refused, Thresholds(), expected_version=6) == [line]
+
+
 # -- formatting ------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("seconds", "text"),
