@@ -8,7 +8,8 @@ The file is a list of named queries (procrastinate's layout)::
     SELECT coalesce(max(id), 0) FROM pgfeed.ticks
 
 A ``-- name:`` line starts a query; the comment lines right after it say what
-it does and are not sent; the rest, up to the next name, is the statement.
+it does and are not sent; the rest, up to the next name, is the statement
+(comment lines at its end, such as the next section's heading, are not sent).
 Run one with ``conn.execute(query("head_tick_id"), params)``. A statement
 whose identifiers (role, table, channel names) are only known at run time
 has ``{}`` placeholders: fill them with ``template(name).format(sql.Identifier(...))``.
@@ -29,6 +30,7 @@ QUERIES_FILE = "queries.sql"
 
 _NAME = re.compile(r"^-- name: ([a-z][a-z0-9_]*)[ \t]*$", re.MULTILINE)
 _DOC = re.compile(r"\A(?:--(?: .*)?\n)*")
+_TRAILING = re.compile(r"(?:\n[ \t]*(?:--.*)?)+\Z")
 
 
 def parse(text: str) -> dict[str, str]:
@@ -41,7 +43,9 @@ def parse(text: str) -> dict[str, str]:
         raise ValueError(f"SQL before the first '-- name:' line: {header.strip()[:60]!r}")
     found: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        statement = _DOC.sub("", body.lstrip("\n"), count=1).strip()
+        # Not sent: the comments right after the name, and comment lines
+        # after the statement (the next section's heading).
+        statement = _TRAILING.sub("", _DOC.sub("", body.lstrip("\n"), count=1).strip()).strip()
         if name in found:
             raise ValueError(f"query {name!r} is defined twice")
         if not statement:

@@ -144,6 +144,11 @@ SELECT pgfeed.ticker_resign_v2(%s)
 -- Python takes a tick.
 SELECT id FROM pgfeed.tick_v2(%s)
 
+-- name: await_change
+-- Wait in the server (timeout ms, checking every poll ms) until some row may
+-- have become visible since the newest tick: true, or false at the timeout.
+SELECT pgfeed.await_change_v4(%s, %s)
+
 
 -- ==== Operations (pgfeed/daemon.py, pgfeed/retention.py, pgfeed/repair.py) ====
 
@@ -284,7 +289,7 @@ GRANT EXECUTE ON FUNCTION pgfeed.read_live_v2(bigint, text[], bigint[], integer)
 GRANT SELECT ON pgfeed.ticker TO {}
 
 -- name: grant_ticker_functions
-GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean),
+GRANT EXECUTE ON FUNCTION pgfeed.tick_v2(bigint, boolean), pgfeed.await_change_v4(integer, integer),
  pgfeed.ticker_claim_v2(text, text, integer), pgfeed.ticker_renew_v2(bigint, integer),
  pgfeed.ticker_resign_v2(bigint), pgfeed.prune_v2(interval, boolean, boolean) TO {}
 

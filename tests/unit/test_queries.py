@@ -74,7 +74,10 @@ def test_importing_pgfeed_reads_no_query_file() -> None:
 
 
 def test_parse_splits_names_comments_and_statements() -> None:
-    text = "-- header\n\n-- name: one\n-- what one does\n--\nSELECT 1\n\n-- name: two\nSELECT 2 -- trailing\n  , 3\n"
+    text = (
+        "-- header\n\n-- name: one\n-- what one does\n--\nSELECT 1\n\n-- ==== Next section ====\n\n"
+        "-- name: two\nSELECT 2 -- trailing\n  , 3\n"
+    )
     assert queries.parse(text) == {"one": "SELECT 1", "two": "SELECT 2 -- trailing\n  , 3"}
 
 
