@@ -354,7 +354,8 @@ def stream() -> None:
     default="ticker",
     show_default=True,
     help="ticker: writers only INSERT, the ticker wakes readers; immediate: each commit also NOTIFYs the ticker"
-    " (lowest latency, pays NOTIFY's commit lock); poll: as ticker (kept for compatibility).",
+    " (pays NOTIFY's commit lock; only a ticker on a schema before 0008 is faster for it);"
+    " poll: as ticker (kept for compatibility).",
 )
 @pass_ctx
 def stream_create(obj: Context, name: str, max_payload_bytes: int, notify_mode: str) -> None:
