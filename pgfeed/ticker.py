@@ -258,6 +258,7 @@ class Ticker:
         loop = asyncio.get_running_loop()
         delay = self.interval
         changed = True  # check at once
+        self._server_waits = True  # the schema or the grants may have changed since the last session
         renew_at = 0.0  # renew first: the lease row then names this connection's backend
         while not self._closed:
             if self.term is None and self._borrow is not None:
@@ -283,6 +284,8 @@ class Ticker:
                 await self._wait(conn, delay)
                 continue
             backoff.reset()
+            if self.term is None:
+                continue  # deposed while ticking: campaign now, not after a wait
             if self._server_waits:
                 changed = await self._await_change(conn)
             else:
@@ -337,15 +340,20 @@ class Ticker:
         or ``idle_interval`` passed (False); see the module's docstring."""
         loop = asyncio.get_running_loop()
         fast = loop.time() - self._last_tick_at < FAST_FOR
-        poll = self.interval if fast else max(self.interval, IDLE_POLL)
         # Well inside the statement timeout (lease / 3), whatever idle_interval says.
         timeout = min(self.idle_interval, self.lease / 6)
+        poll = min(timeout, self.interval if fast else max(self.interval, IDLE_POLL))
         self.stats.checks += 1
         try:
             row = await self._one(conn, query("await_change"), (round(timeout * 1000), max(1, round(poll * 1000))))
         except NotMigrated:
             self._server_waits = False
             log.info("the schema predates await_change_v4 (0008): the ticker polls instead; run `pgfeed migrate`")
+            return True
+        except TickerUnavailable as exc:
+            # A role granted `ticker` by an earlier release may tick but not wait.
+            self._server_waits = False
+            log.warning("the ticker cannot wait in the server, so it polls: run `pgfeed grant ticker`", error=str(exc))
             return True
         return bool(row[0]) if row is not None else True
 

@@ -144,7 +144,8 @@ BEGIN
             RETURN true;
         END IF;
         EXIT WHEN clock_timestamp() >= deadline;
-        PERFORM pg_sleep(pause);
+        -- Never past the deadline: the caller's statement timeout is sized on it.
+        PERFORM pg_sleep(least(pause, extract(epoch FROM deadline - clock_timestamp())::double precision));
     END LOOP;
     RETURN false;
 END $$;

@@ -11,9 +11,12 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from ticking import take_tick
 
 import pgfeed
+from pgfeed import admin
 from pgfeed.ticker import Ticker
 
 Conn = psycopg.Connection[Any]
@@ -97,27 +100,73 @@ def test_a_transaction_the_tick_saw_running_ends_it_when_it_commits(
     assert seconds < 10
 
 
-async def test_on_a_schema_without_the_wait_the_ticker_polls(pgfeed_dsn: str, pgfeed_conn: Conn, stream: str) -> None:
-    # A daemon of this release against a database not yet migrated to 0008.
-    pgfeed_conn.execute("DROP FUNCTION pgfeed.await_change_v4(integer, integer)")
-    ticker = Ticker(pgfeed_dsn, lease=2)
+async def ticks_rows(ticker: Ticker, conn: Conn, stream: str, rows: int = 3) -> None:
+    """Run ``ticker`` while ``rows`` rows are appended one by one: each gets a tick."""
     task = asyncio.create_task(ticker.run())
     try:
-        for n in range(3):
-            seq = pgfeed.append(pgfeed_conn, stream, {"n": n})
-            await until_ticked(pgfeed_conn, seq)
-            await asyncio.sleep(0.1)  # past the ticker's first checks: it is idle again
+        for n in range(rows):
+            seq = pgfeed.append(conn, stream, {"n": n})
+            await until_ticked(conn, seq, task)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await ticker.close()
-    assert ticker.stats.ticks >= 3
 
 
-async def until_ticked(conn: Conn, seq: int) -> None:
+async def test_on_a_schema_without_the_wait_the_ticker_polls(pgfeed_dsn: str, pgfeed_conn: Conn, stream: str) -> None:
+    # A daemon of this release against a database not yet migrated to 0008.
+    pgfeed_conn.execute("DROP FUNCTION pgfeed.await_change_v4(integer, integer)")
+    ticker = Ticker(pgfeed_dsn, lease=2)
+    await ticks_rows(ticker, pgfeed_conn, stream)
+    assert not ticker._server_waits, "it found the wait missing and fell back"
+
+
+async def test_a_ticker_role_that_may_not_wait_still_ticks(
+    pgfeed_dsn: str, pgfeed_conn: Conn, stream: str, make_role: Any
+) -> None:
+    # `pgfeed grant ticker` of an earlier release granted the tick, not the wait.
+    role = make_role()
+    admin.grant_ticker(pgfeed_conn, role)
+    pgfeed_conn.execute(
+        sql.SQL("REVOKE EXECUTE ON FUNCTION pgfeed.await_change_v4(integer, integer) FROM {}").format(
+            sql.Identifier(role)
+        )
+    )
+    ticker = Ticker(make_conninfo(pgfeed_dsn, user=role), lease=2)
+    await ticks_rows(ticker, pgfeed_conn, stream)
+    assert not ticker._server_waits
+
+
+async def test_a_poll_longer_than_the_statement_timeout_is_cut_to_the_wait(
+    pgfeed_dsn: str, pgfeed_conn: Conn, stream: str
+) -> None:
+    # interval 2 s, lease 3 s: the statement timeout (lease / 3) is 1 s, the
+    # wait 0.5 s (lease / 6); a 2 s poll must not outlast it.
+    ticker = Ticker(pgfeed_dsn, lease=3, interval=2, idle_interval=5)
+    task = asyncio.create_task(ticker.run())
+    try:
+        seq = pgfeed.append(pgfeed_conn, stream, {"n": 0})
+        await until_ticked(pgfeed_conn, seq, task)
+        checks = ticker.stats.checks
+        deadline = time.monotonic() + 10
+        while ticker.stats.checks < checks + 3 and time.monotonic() < deadline:  # three idle waits
+            await asyncio.sleep(0.05)
+        assert ticker.stats.checks >= checks + 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ticker.close()
+    assert ticker.stats.reconnects == 0, "a wait outlasted the statement timeout"
+    assert ticker._server_waits
+
+
+async def until_ticked(conn: Conn, seq: int, task: asyncio.Task[None]) -> None:
     """Bounded: until a tick covers the row of ``seq`` (the state under test)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        if task.done():
+            task.result()  # the ticker failed: say why
+            raise AssertionError("the ticker stopped")
         if conn.execute("SELECT 1 FROM pgfeed.ticks WHERE seq_hi >= %s", (seq,)).fetchone():
             return
         await asyncio.sleep(0.01)
