@@ -171,3 +171,19 @@ async def until_ticked(conn: Conn, seq: int, task: asyncio.Task[None]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"no tick covered seq {seq} within 10 s")
+
+
+def test_the_inlined_fingerprint_is_the_one_0007_defined(pgfeed_conn: Conn, stream: str) -> None:
+    # Ticks keep one fingerprint whatever release took them: _tick_fp_v4
+    # (0008, inlined into the tick) must give _tick_fp_v3's values.
+    for n in range(20):
+        pgfeed.append(pgfeed_conn, stream, {"n": n})
+        take_tick(pgfeed_conn)
+    args = "t.id, t.snap, t.seq_lo, t.seq_hi, t.taken_at, t.term, t.system_id"
+    row = pgfeed_conn.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE t.fp = pgfeed._tick_fp_v3({args})"  # noqa: S608  # constants
+        f" AND t.fp = pgfeed._tick_fp_v4({args})) FROM pgfeed.ticks t"
+    ).fetchone()
+    assert row is not None
+    assert row[0] > 20
+    assert row[1] == row[0]
