@@ -24,7 +24,7 @@ from typing import Any
 from bench import harness as h
 from bench.servers import bench_server
 
-NAMES = ("write", "latency", "fanout", "idle", "ticks", "catchup")
+NAMES = ("write", "tickcost", "latency", "fanout", "idle", "ticks", "catchup")
 HERE = Path(__file__).resolve().parent
 
 

@@ -382,6 +382,36 @@ def rates(a: Counters, b: Counters) -> Rates:
     return Rates(dt, ticks, (b.xacts - a.xacts) / dt, stmts, ticks / dt)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def server_cpu(dsn: str) -> float | None:
+    """CPU seconds the server's processes have used so far: the postmaster,
+    the children it reaped (backends that ended) and the live ones (backends,
+    WAL writer, checkpointer...). None when the server does not run on this
+    machine (``--dsn`` elsewhere) or /proc cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        postmaster = int(_stat_fields(int(row[0]))[1])  # the backend's parent
+        f = _stat_fields(postmaster)
+        total = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                c = _stat_fields(int(entry))
+                if int(c[1]) == postmaster:
+                    total += int(c[11]) + int(c[12])
+    except (OSError, IndexError, ValueError, psycopg.Error):
+        return None
+    return total / tick
+
+
 # --------------------------------------------------------------------------- numbers and tables
 def pct(values: list[float], q: float) -> float:
     """Percentile, linear interpolation, q in 0..100 (NaN when empty)."""
@@ -453,6 +483,7 @@ class Config:
     volume_prune_every: float = 5.0
     catchup_rows: int = 500_000
     catchup_rounds: int = 2
+    tickcost_ticks: int = 2000
 
     @classmethod
     def make(cls, quick: bool) -> Config:
@@ -475,6 +506,7 @@ class Config:
             volume_prune_every=1.0,
             catchup_rows=20_000,
             catchup_rounds=1,
+            tickcost_ticks=100,
         )
 
 

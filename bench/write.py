@@ -16,6 +16,10 @@ script inserting one ~110-byte JSON row built from a random ``:n``:
 * the default and ``immediate`` appends again with ``pgfeed daemon`` and two
   reader processes following the stream (the issue's target rows).
 
+Each cell also reports the server's CPU per transaction (every process of a
+local server, from /proc): the database's own cost, which the tx/s of the
+live cells on a small machine mixes with the Python daemon's and readers'.
+
 Cells are interleaved: every round runs every script once per client count,
 in an order rotated each round, so that drift on a shared machine spreads
 over all scripts; ratios are taken within a round (against that round's
@@ -139,6 +143,7 @@ def run(ctx: h.Ctx) -> h.Section:
             files[s.key].write_text(f"\\set n random(1, 1000000000)\n{s.statement};\n")
         tps: dict[tuple[str, int], list[float]] = {}
         ratios: dict[tuple[str, int], list[float]] = {}
+        server_us: dict[tuple[str, int], list[float]] = {}  # the server's CPU per transaction
         live_notes: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for rnd in range(cfg.write_rounds):
             for clients in CLIENTS:
@@ -148,11 +153,17 @@ def run(ctx: h.Ctx) -> h.Section:
                 for s in order:
                     dsn = db.dsn if s.user == "owner" else db.dsn_as(s.user)
                     if s.live is None:
-                        got[s.key], _ = pgbench(server.pgbench, dsn, files[s.key], clients, seconds)
+                        cpu0 = h.server_cpu(db.dsn)
+                        got[s.key], done = pgbench(server.pgbench, dsn, files[s.key], clients, seconds)
+                        cpu1 = h.server_cpu(db.dsn)
+                        cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                     else:
                         got[s.key], note = live_cell(db, s, files[s.key], server.pgbench, clients, seconds)
                         live_notes.setdefault((s.key, clients), []).append(note)
+                        cpu, done = note["server_cpu_s"], note["rows"]
                     tps.setdefault((s.key, clients), []).append(got[s.key])
+                    if cpu is not None and done:
+                        server_us.setdefault((s.key, clients), []).append(cpu / done * 1e6)
                     ctx.log(f"  round {rnd + 1} {clients:>2} clients {s.key:15} {got[s.key]:9.0f} tx/s")
                 for s in all_scripts:
                     ratios.setdefault((s.key, clients), []).append(got[s.key] / got["plain"])
@@ -161,8 +172,11 @@ def run(ctx: h.Ctx) -> h.Section:
         row = [s.label]
         for clients in CLIENTS:
             row += [h.fmt(h.median(tps[s.key, clients])), ratio_cell(ratios[s.key, clients])]
+        for clients in CLIENTS:
+            us = server_us.get((s.key, clients))
+            row.append(h.fmt(h.median(us)) if us else "n/a")
         rows.append(row)
-    sec.table(["script", "1 client tx/s", "ratio", "16 clients tx/s", "ratio"], rows)
+    sec.table(["script", "1 client tx/s", "ratio", "16 clients tx/s", "ratio", "server CPU us/tx, 1", "16"], rows)
     for (key, clients), notes in sorted(live_notes.items()):
         sec.note(
             f"{key}, {clients} client{'s' if clients > 1 else ''}: ticks/s "
@@ -178,7 +192,10 @@ def run(ctx: h.Ctx) -> h.Section:
     sec.note(
         f"{cfg.write_rounds} round(s) of {seconds} s per cell, interleaved; ratio: within each round against that "
         "round's plain cell, median (min-max). Owner cells bypass row-level security, as superusers and table "
-        "owners do."
+        "owners do. Server CPU: what every process of the server used during the cell (backends, including the "
+        "daemon's and the readers', WAL writer, checkpointer; from /proc), per pgbench transaction, median over "
+        "rounds; in the live cells it runs until the readers have every row. It is the database's own cost, "
+        "where tx/s on this machine also pays for the Python daemon and readers sharing its cores."
     )
     for key, clients, goal in (("ticker_live", 16, 0.85), ("ticker_live", 1, 0.9)):
         m = h.median(ratios[key, clients])
@@ -192,6 +209,7 @@ def run(ctx: h.Ctx) -> h.Section:
         )
     sec.data = {
         "tps": {f"{k}@{c}": v for (k, c), v in tps.items()},
+        "server_cpu_us_per_tx": {f"{k}@{c}": v for (k, c), v in server_us.items()},
         "ratios": {f"{k}@{c}": v for (k, c), v in ratios.items()},
         "live": {f"{k}@{c}": v for (k, c), v in live_notes.items()},
     }
@@ -214,9 +232,11 @@ def live_cell(
         daemon = h.start_daemon(procs, db.dsn)
         readers = h.start_readers(procs, db.dsn, s.live, 2)
         before = h.counters(db)
+        cpu0 = h.server_cpu(db.dsn)
         tx, done = pgbench(pgbench_bin, db.dsn, script, clients, seconds)
         after = h.counters(db)
         drain = h.drain_readers(readers, done, 30)
+        cpu1 = h.server_cpu(db.dsn)
         got = h.stop_readers(procs, readers)
         d = procs.stop(daemon)
     r = h.rates(before, after)
@@ -227,4 +247,5 @@ def live_cell(
         "drain_s": drain,
         "all_delivered": all(g["rows"] >= done for g in got),
         "rows": done,
+        "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
     }
