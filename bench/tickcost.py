@@ -5,7 +5,8 @@ per tick) with ``pgfeed.append_v2``; a ticker holding the lease calls
 ``tick_v2`` (the daemon's statement); a reader calls ``read_live_v4`` from
 its known head (a woken reader's one round trip, prefetching the new rows).
 Then the ticker calls ``tick_v2`` ``N`` times with nothing new (the check an
-active ticker makes between ticks). Each backend's own CPU (utime + stime
+active ticker makes between ticks). The ticker's and reader's connections
+use generic plans, as pgfeed's do. Each backend's own CPU (utime + stime
 from /proc, so the server must run on this machine) is divided by ``N``.
 Nothing else runs, so the figures are the statements' cost, not a share of
 a busy machine: what the database pays per tick for the ticker and for each
@@ -20,6 +21,7 @@ from typing import Any
 import psycopg
 
 from bench import harness as h
+from pgfeed.queries import query
 
 BODY = '{"n": 1, "user": "user@example.org", "body": "' + h.BODY + '"}'
 
@@ -41,6 +43,8 @@ def measure(dsn: str, ticks: int, rows_per_tick: int) -> dict[str, float]:
         writer, ticker, reader = conns
         for c in conns:
             c.prepare_threshold = 0
+        for c in (ticker, reader):  # as the ticker's and the readers' connections are set up
+            c.execute(query("set_generic_plans"))
         stream = f"tc{rows_per_tick}"
         admin.create_stream(writer, stream)
         row = ticker.execute("SELECT term FROM pgfeed.ticker_claim_v2('bench tickcost', 'daemon', 600000)").fetchone()

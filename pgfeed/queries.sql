@@ -111,7 +111,8 @@ SET statement_timeout = {}
 SET application_name = 'pgfeed ticker'
 
 -- name: set_generic_plans
--- The reader's statements run with the same plan whatever their parameters.
+-- The reader's and the ticker's statements run with the same plan whatever
+-- their parameters (the plpgsql functions' own statements included).
 SET plan_cache_mode = force_generic_plan
 
 -- name: listen
