@@ -89,7 +89,7 @@ class TickerCollector:
             ("pgfeed_ticker_ticks", "Ticks this process took.", "ticks"),
             (
                 "pgfeed_ticker_checks",
-                "tick_v2 calls this process made while leading (with or without a tick).",
+                "Checks for a change this process made while leading (tick_v2 or await_change_v4 calls).",
                 "checks",
             ),
             ("pgfeed_ticker_leader_changes", "Times this process took the ticker lease.", "leader_changes"),
