@@ -108,7 +108,11 @@ REVOKE ALL ON FUNCTION pgfeed.read_live_v4(bigint, text[], bigint[], integer) FR
 -- (its EXCEPTION block) on every tick:
 -- * _seq_now_v2 reads the sequence with pg_sequence_last_value, with no SET
 --   clause (every name qualified), so that callers inline it;
--- * _system_id_v3 checks the privilege instead of catching its absence;
+-- * _system_id_v3 checks the privilege instead of catching its absence
+--   (VOLATILE, as pg_control_system() is, so that callers inline it);
+-- * _history_break_v3, which a tick calls when the cluster's identity is
+--   unknown, counts the rows above the newest tick with literal bounds: the
+--   ticker's connection now forces generic plans;
 -- * _tick_fp_v4 is _tick_fp_v3's formula (the same values: a test compares
 --   them) with every name qualified and no SET clause, inlined into
 --   _insert_tick_v2.
@@ -118,10 +122,62 @@ LANGUAGE sql VOLATILE AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION pgfeed._system_id_v3() RETURNS bigint
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql VOLATILE AS $$
     SELECT CASE WHEN pg_catalog.has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
-                THEN (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c) END
+                THEN (pg_catalog.pg_control_system()).system_identifier END
 $$;
+
+-- As in 0007, with its one scan of new rows planned with literal bounds.
+CREATE OR REPLACE FUNCTION pgfeed._history_break_v3() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    last_id   bigint;
+    last_snap pg_snapshot;
+    last_hi   bigint;
+    last_sys  bigint;
+    sys       bigint := pgfeed._system_id_v3();
+    cur_xmax  xid8 := greatest(pg_snapshot_xmax(pg_current_snapshot()),
+                               (coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) + 1)::text::xid8);
+    n         bigint;
+BEGIN
+    SELECT t.id, t.snap, t.seq_hi, t.system_id INTO last_id, last_snap, last_hi, last_sys
+      FROM pgfeed.ticks t ORDER BY t.id DESC LIMIT 1;
+    IF last_snap IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cur_xmax < pg_snapshot_xmax(last_snap) THEN
+        RETURN format('this server''s transaction ids (%s) are behind the newest tick %s (%s): '
+                      'the database was restored into another cluster; run `pgfeed repair --after-restore`',
+                      cur_xmax, last_id, pg_snapshot_xmax(last_snap));
+    END IF;
+    IF last_sys IS NOT NULL AND sys IS NOT NULL AND last_sys = sys THEN
+        RETURN NULL;  -- the cluster that took the newest tick
+    END IF;
+    IF last_hi IS NOT NULL AND pgfeed._seq_now_v2() < last_hi THEN
+        RETURN format('pgfeed.event_seq (%s) is behind the newest tick %s (%s): the database was restored '
+                      'without its sequences; restore them, then run `pgfeed repair --after-restore`',
+                      pgfeed._seq_now_v2(), last_id, last_hi);
+    END IF;
+    -- No row above seq_hi is visible in a tick (docs/design.md, "Ticks"): one
+    -- that is was appended on this cluster with a transaction id the restored
+    -- ticks count as ended, and would be skipped.
+    IF last_hi IS NOT NULL THEN
+        -- With the bounds as literals: planned generically (the ticker's
+        -- connection forces generic plans), seq > $1 is estimated wide and
+        -- every partition scanned, on every tick where the cluster's identity
+        -- is unknown (the owner may not read pg_control).
+        EXECUTE format('SELECT count(*) FROM pgfeed.events e WHERE e.seq > %s'
+                       ' AND pg_visible_in_snapshot(e.xid, %L::pg_snapshot)', last_hi, last_snap)
+           INTO n;
+        IF n > 0 THEN
+            RETURN format('%s rows were appended on this database while its transaction ids were behind the '
+                          'restored newest tick %s: the database was restored into another cluster; run '
+                          '`pgfeed repair --after-restore`', n, last_id);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION pgfeed._history_break_v3() FROM PUBLIC;
 
 CREATE FUNCTION pgfeed._tick_fp_v4(
     id bigint, snap pg_snapshot, seq_lo bigint, seq_hi bigint, taken_at timestamptz, term bigint, system_id bigint

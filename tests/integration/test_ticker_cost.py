@@ -63,3 +63,30 @@ def test_idle_check_and_token_resolution_probe_indexes_after_bulk_appends(pgfeed
     read, resolved = _rows_read(pgfeed_conn, "SELECT pgfeed.resolve_token_v2(%s)", (token,))
     assert resolved[0][0] is not None
     assert read < 10  # of 60,000
+
+
+@pytest.mark.parametrize("plans", ["auto", "force_generic_plan"])
+def test_a_tick_where_the_clusters_identity_is_unknown_probes_indexes(pgfeed_conn: Conn, plans: str) -> None:
+    # Where the owner may not read pg_control, ticks have no system_id and
+    # every tick asks _history_break_v3 whether the history continues; it
+    # counts the rows above the newest tick, which must not mean reading all
+    # of them (the ticker's connection forces generic plans).
+    pgfeed_conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plans)))
+    admin.create_stream(pgfeed_conn, "bulk")
+    for _ in range(3):
+        with pgfeed_conn.transaction():
+            pgfeed.append_many(pgfeed_conn, "bulk", [{"i": i} for i in range(20_000)])
+    pgfeed_conn.execute("ANALYZE pgfeed.events")
+    take_tick(pgfeed_conn)
+    pgfeed_conn.execute("UPDATE pgfeed.ticks SET system_id = NULL WHERE id = (SELECT max(id) FROM pgfeed.ticks)")
+    pgfeed.append(pgfeed_conn, "bulk", {"late": True})
+    for _ in range(2):  # the second with the plan cached by the first
+        with pgfeed_conn.transaction():
+            pgfeed_conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            pgfeed_conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL, pgfeed._seq_now_v2())")
+            (read,) = pgfeed_conn.execute(
+                "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
+                " WHERE schemaname = 'pgfeed' AND relname LIKE 'events%'"
+            ).fetchone()  # type: ignore[misc]
+        assert read < 10  # of 60,001
+        pgfeed_conn.execute("UPDATE pgfeed.ticks SET system_id = NULL WHERE id = (SELECT max(id) FROM pgfeed.ticks)")
