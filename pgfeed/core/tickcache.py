@@ -121,7 +121,7 @@ class TickCache(Generic[R]):
         """The ticks after ``pos`` up to the newest tick a read from there
         found, and the rows prefetched between them: only from a complete
         position, and only while every one of those ticks is cached."""
-        entry = self.prefetched.get((stream, pos.tick)) if pos.complete else None
+        entry = self._prefetched_from(stream, pos)
         if entry is None:
             return None
         window = self.run(pos.tick + 1, entry[0])
@@ -129,8 +129,12 @@ class TickCache(Generic[R]):
 
     def prefetched_to(self, stream: str, pos: Position) -> int | None:
         """The tick the rows prefetched from ``pos`` reach (None: none were)."""
-        entry = self.prefetched.get((stream, pos.tick)) if pos.complete else None
+        entry = self._prefetched_from(stream, pos)
         return None if entry is None else entry[0]
+
+    def _prefetched_from(self, stream: str, pos: Position) -> tuple[int, Prefetched[R]] | None:
+        """The read kept from ``pos`` (only a complete position starts one)."""
+        return self.prefetched.get((stream, pos.tick)) if pos.complete else None
 
 
 def same_tick(a: Tick, b: Tick) -> bool:
