@@ -387,6 +387,12 @@ def _stat_fields(pid: int) -> list[str]:
         return f.read().rsplit(")", 1)[1].split()
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds one process has used so far (utime + stime, from /proc)."""
+    f = _stat_fields(pid)
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_cpu(dsn: str) -> float | None:
     """CPU seconds the server's processes have used so far: the postmaster,
     the children it reaped (backends that ended) and the live ones (backends,
@@ -399,17 +405,17 @@ def server_cpu(dsn: str) -> float | None:
         assert row is not None
         postmaster = int(_stat_fields(int(row[0]))[1])  # the backend's parent
         f = _stat_fields(postmaster)
-        total = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
+        own_and_reaped = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
+        live = 0.0
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             with contextlib.suppress(OSError, IndexError, ValueError):
-                c = _stat_fields(int(entry))
-                if int(c[1]) == postmaster:
-                    total += int(c[11]) + int(c[12])
+                if int(_stat_fields(int(entry))[1]) == postmaster:
+                    live += process_cpu(int(entry))
     except (OSError, IndexError, ValueError, psycopg.Error):
         return None
-    return total / tick
+    return own_and_reaped / tick + live
 
 
 # --------------------------------------------------------------------------- numbers and tables

@@ -15,7 +15,6 @@ reader process, whatever the host's Python does.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import psycopg
@@ -24,13 +23,6 @@ from bench import harness as h
 from pgfeed.queries import query
 
 BODY = '{"n": 1, "user": "user@example.org", "body": "' + h.BODY + '"}'
-
-
-def backend_cpu(pid: int) -> float:
-    """CPU seconds of one backend so far (utime + stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(dsn: str, ticks: int, rows_per_tick: int) -> dict[str, float]:
@@ -68,14 +60,14 @@ def measure(dsn: str, ticks: int, rows_per_tick: int) -> dict[str, float]:
 
         for _ in range(min(100, ticks)):  # warm up: plans, caches
             one()
-        before = {name: backend_cpu(pid) for name, pid in pids.items()}
+        before = {name: h.process_cpu(pid) for name, pid in pids.items()}
         for _ in range(ticks):
             one()
-        out = {name: (backend_cpu(pid) - before[name]) / ticks * 1e6 for name, pid in pids.items()}
-        t0 = backend_cpu(pids["ticker"])
+        out = {name: (h.process_cpu(pid) - before[name]) / ticks * 1e6 for name, pid in pids.items()}
+        t0 = h.process_cpu(pids["ticker"])
         for _ in range(ticks):
             ticker.execute("SELECT id FROM pgfeed.tick_v2(%s)", (term,)).fetchall()
-        out["empty_check"] = (backend_cpu(pids["ticker"]) - t0) / ticks * 1e6
+        out["empty_check"] = (h.process_cpu(pids["ticker"]) - t0) / ticks * 1e6
         ticker.execute("SELECT pgfeed.ticker_resign_v2(%s)", (term,))
         return out
     finally:
