@@ -21,14 +21,21 @@ Conn = psycopg.Connection[Any]
 
 def _rows_read(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> tuple[int, list[tuple[Any, ...]]]:
     """Run ``query`` in a read-only transaction; how many event rows it read
-    (by sequential scans and index fetches, in every partition)."""
+    (:func:`_event_rows_read_so_far`)."""
     with conn.transaction():
         found = conn.execute(query, params).fetchall()
-        (read,) = conn.execute(
-            "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
-            " WHERE schemaname = 'pgfeed' AND relname LIKE 'events%'"
-        ).fetchone()  # type: ignore[misc]
-    return int(read), found
+        read = _event_rows_read_so_far(conn)
+    return read, found
+
+
+def _event_rows_read_so_far(conn: Conn) -> int:
+    """Event rows the current transaction read, by sequential scans and index
+    fetches, in every partition."""
+    (read,) = conn.execute(
+        "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
+        " WHERE schemaname = 'pgfeed' AND relname LIKE 'events%'"
+    ).fetchone()  # type: ignore[misc]
+    return int(read)
 
 
 @pytest.mark.parametrize("plans", ["auto", "force_generic_plan"])
@@ -84,9 +91,6 @@ def test_a_tick_where_the_clusters_identity_is_unknown_probes_indexes(pgfeed_con
         with pgfeed_conn.transaction():
             pgfeed_conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             pgfeed_conn.execute("SELECT id FROM pgfeed._insert_tick_v2(NULL, pgfeed._seq_now_v2())")
-            (read,) = pgfeed_conn.execute(
-                "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
-                " WHERE schemaname = 'pgfeed' AND relname LIKE 'events%'"
-            ).fetchone()  # type: ignore[misc]
+            read = _event_rows_read_so_far(pgfeed_conn)
         assert read < 10  # of 60,001
         pgfeed_conn.execute("UPDATE pgfeed.ticks SET system_id = NULL WHERE id = (SELECT max(id) FROM pgfeed.ticks)")
