@@ -1,8 +1,9 @@
-"""``python -m bench [--quick] [--only NAME ...] [--dsn DSN]``: run the benchmarks, print a Markdown report.
+"""``python -m bench [--quick] [--only NAME ...] [--split-cpus] [--dsn DSN]``: run the benchmarks.
 
-The report goes to ``bench/results/latest.md`` for a full run of every
-benchmark, ``latest-quick.md`` for ``--quick`` and ``latest-partial.md`` for
-``--only`` (with a JSON file of the raw figures beside each). The exit status
+It prints a Markdown report and writes it to ``bench/results/latest.md`` for
+a full run of every benchmark, ``latest-quick.md`` for ``--quick`` and
+``latest-partial.md`` for ``--only`` (with a JSON file of the raw figures
+beside each); ``--split-cpus`` adds ``-split`` to the name. The exit status
 is non-zero only when a benchmark failed to run, never because of a number:
 the machine is shared, so figures are for reading, not for gating.
 """
@@ -24,7 +25,7 @@ from typing import Any
 from bench import harness as h
 from bench.servers import bench_server
 
-NAMES = ("write", "tickcost", "latency", "fanout", "idle", "ticks", "catchup")
+NAMES = ("write", "tickcost", "latency", "cadence", "fanout", "idle", "ticks", "catchup")
 HERE = Path(__file__).resolve().parent
 
 
@@ -46,6 +47,7 @@ def render(server: Any, cfg: h.Config, sections: list[h.Section], errors: dict[s
         f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}; "
         f"load average at the end {h.load_avg()}.",
         "",
+        *split_line(),
         "Server: " + ", ".join(f"{k}={v}" for k, v in sorted(server.settings.items()) if v != "") + ".",
         "",
     ]
@@ -63,6 +65,18 @@ def render(server: Any, cfg: h.Config, sections: list[h.Section], errors: dict[s
     return "\n".join(out)
 
 
+def split_line() -> list[str]:
+    if h.SPLIT is None:
+        return []
+    db, app = (",".join(map(str, sorted(c))) for c in h.SPLIT)
+    return [
+        f"**CPUs split** (`--split-cpus`): the server, pgbench and the paced writers on CPU {db}; pgfeed's daemon, "
+        f"readers and listeners on CPU {app}, as if they ran on an application host. Every cell, plain ones "
+        "included, runs that way.",
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="small sizes, well under a minute (the CI smoke run)")
@@ -72,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dsn", help="benchmark this server (databases are created and dropped) instead of a throwaway one"
     )
+    ap.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="run the server and the writers on half the CPUs and pgfeed's daemon and readers on the other half",
+    )
     args = ap.parse_args(argv)
+    if args.split_cpus:
+        if args.dsn:
+            ap.error("--split-cpus pins the server's processes: it needs the throwaway server, not --dsn")
+        h.SPLIT = h.split_cpus()
     cfg = h.Config.make(args.quick)
     names = [n for n in NAMES if not args.only or n in args.only]
     h.CTX.set_forkserver_preload(h.PRELOAD)
@@ -83,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     with bench_server(args.dsn) as server:
         print(f"bench: PostgreSQL {server.version}, {server.source}; load average {h.load_avg()}", flush=True)
+        if h.SPLIT is not None:
+            print(f"bench: pinned {h.pin_server(server.dsn)} server processes to CPUs {sorted(h.SPLIT[0])}", flush=True)
+            h.pin(os.getpid(), "app")
         ctx = h.Ctx(server, cfg, h.log_to_stdout)
         for name in names:
             print(f"[{time.monotonic() - t_all:5.0f}s] {name} ...", flush=True)
@@ -101,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"total {time.monotonic() - t_all:.0f} s")
     stem = "latest-quick" if cfg.quick else ("latest-partial" if args.only else "latest")
+    stem += "-split" if h.SPLIT is not None else ""
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"{stem}.md").write_text(text + "\n")

@@ -19,12 +19,18 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 
 CTX = mp.get_context("forkserver")
 PRELOAD = ["psycopg", "psycopg_pool", "structlog", "pgfeed", "pgfeed.daemon", "bench.harness"]
+
+#: With ``--split-cpus``: the CPUs of the database side (the server, pgbench
+#: and the paced writers) and of the application side (the daemon, readers,
+#: listeners), as if pgfeed's processes ran on another host; None: every
+#: process may run anywhere. Set by ``bench.__main__`` in the parent only.
+SPLIT: tuple[frozenset[int], frozenset[int]] | None = None
 
 #: ~110 bytes of JSON per row, the same in every benchmark.
 BODY = "x" * 80
@@ -35,6 +41,54 @@ def payload(n: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- processes
+Side = Literal["db", "app"]
+
+
+def split_cpus() -> tuple[frozenset[int], frozenset[int]]:
+    """Half the CPUs this process may use for the database side, the rest
+    for the application side; a one-line error below two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"bench: --split-cpus needs at least 2 CPUs, this process may use {len(cpus)}")
+    half = len(cpus) // 2
+    return frozenset(cpus[:half]), frozenset(cpus[half:])
+
+
+def pin(pid: int | None, side: Side) -> None:
+    """Confine process ``pid`` (and the threads and children it starts later) to ``side``'s CPUs."""
+    if SPLIT is not None and pid is not None:
+        os.sched_setaffinity(pid, SPLIT[0] if side == "db" else SPLIT[1])
+
+
+def pin_server(dsn: str) -> int:
+    """Confine the server to the database side: the postmaster (every backend
+    it forks later inherits that) and its live children. How many processes
+    were pinned; 0 without :data:`SPLIT`."""
+    if SPLIT is None:
+        return 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    postmaster = int(_stat_fields(int(row[0]))[1])
+    pinned = [postmaster]
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.isdigit() and int(_stat_fields(int(entry))[1]) == postmaster:
+                pinned.append(int(entry))
+    for pid in pinned:
+        with contextlib.suppress(ProcessLookupError):
+            pin(pid, "db")
+    return len(pinned)
+
+
+def pinned_command(cmd: list[str], side: Side) -> list[str]:
+    """``cmd`` run on ``side``'s CPUs (through taskset) under :data:`SPLIT`."""
+    if SPLIT is None:
+        return cmd
+    cpus = SPLIT[0] if side == "db" else SPLIT[1]
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+
+
 def _child(fn: Callable[..., Any], out: Any, args: tuple[Any, ...]) -> None:
     try:
         out.put(("ok", fn(*args)))
@@ -70,10 +124,12 @@ class Procs:
                 c.process.kill()
                 c.process.join(5)
 
-    def start(self, name: str, fn: Callable[..., Any], *args: Any) -> Child:
+    def start(self, name: str, fn: Callable[..., Any], *args: Any, side: Side = "app") -> Child:
+        """Run ``fn(*args)`` in a child process on ``side``'s CPUs (see :data:`SPLIT`)."""
         out = CTX.Queue()
         p = CTX.Process(target=_child, args=(fn, out, args), daemon=True, name=name)
         p.start()
+        pin(p.pid, side)
         child = Child(name, p, out)
         self.children.append(child)
         return child
@@ -108,18 +164,27 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
 
 
 # --------------------------------------------------------------------------- daemon
-def daemon_main(dsn: str, retention: float | None, prune_every: float) -> dict[str, Any]:
+def daemon_main(dsn: str, retention: float | None, prune_every: float, interval: float) -> dict[str, Any]:
     """``pgfeed daemon`` in a process of its own (what the CLI command runs),
     with options the command line does not offer (``prune_every``)."""
     from pgfeed.daemon import DaemonOptions, run_daemon
 
-    asyncio.run(run_daemon(dsn, DaemonOptions(retention=retention, prune_every=prune_every)))
+    options = DaemonOptions(retention=retention, prune_every=prune_every, interval=interval)
+    asyncio.run(run_daemon(dsn, options))
     return {"cpu_s": time.process_time()}
 
 
-def start_daemon(procs: Procs, dsn: str, *, retention: float | None = 7 * 86400.0, prune_every: float = 60.0) -> Child:
-    """Start the daemon and wait until it holds the ticker lease."""
-    child = procs.start("pgfeed daemon", daemon_main, dsn, retention, prune_every)
+def start_daemon(
+    procs: Procs,
+    dsn: str,
+    *,
+    retention: float | None = 7 * 86400.0,
+    prune_every: float = 60.0,
+    interval: float = 0.001,
+) -> Child:
+    """Start the daemon (``interval``: its ``--interval``, the default 1 ms)
+    and wait until it holds the ticker lease."""
+    child = procs.start("pgfeed daemon", daemon_main, dsn, retention, prune_every, interval)
 
     def leads() -> bool:
         if not child.process.is_alive():
@@ -289,7 +354,7 @@ def run_writers(
     scheduled = max(1, int(rate * seconds))
     go, start = CTX.Event(), CTX.Value("q", 0)
     ws = [
-        procs.start(f"writer {i}", paced_writer, dsn, kind, target, rate, scheduled, i, writers, go, start)
+        procs.start(f"writer {i}", paced_writer, dsn, kind, target, rate, scheduled, i, writers, go, start, side="db")
         for i in range(writers)
     ]
     time.sleep(0.3)  # let them connect
@@ -490,6 +555,8 @@ class Config:
     catchup_rows: int = 500_000
     catchup_rounds: int = 2
     tickcost_ticks: int = 2000
+    cadence_intervals: tuple[float, ...] = (0.001, 0.005, 0.02)
+    cadence_rounds: int = 3
 
     @classmethod
     def make(cls, quick: bool) -> Config:
@@ -513,6 +580,8 @@ class Config:
             catchup_rows=20_000,
             catchup_rounds=1,
             tickcost_ticks=100,
+            cadence_intervals=(0.001, 0.02),
+            cadence_rounds=1,
         )
 
 

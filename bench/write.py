@@ -120,7 +120,7 @@ def pgbench(pgbench_bin: Path, dsn: str, script: Path, clients: int, seconds: in
         str(pgbench_bin), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
         "-T", str(seconds), "-f", str(script), dsn,
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    r = subprocess.run(h.pinned_command(cmd, "db"), capture_output=True, text=True, timeout=seconds + 120)
     tps, done = _TPS.search(r.stdout), _DONE.search(r.stdout)
     failed = _FAILED.search(r.stdout)
     if r.returncode != 0 or tps is None or done is None or (failed and int(failed.group(1))):
@@ -224,12 +224,13 @@ def ratio_cell(values: list[float]) -> str:
 
 
 def live_cell(
-    db: Any, s: Script, script: Path, pgbench_bin: Path, clients: int, seconds: int
+    db: Any, s: Script, script: Path, pgbench_bin: Path, clients: int, seconds: int, *, interval: float = 0.001
 ) -> tuple[float, dict[str, Any]]:
-    """One pgbench cell with the daemon and two reader processes following ``s.live``."""
+    """One pgbench cell with the daemon (ticking at ``interval``) and two
+    reader processes following ``s.live``."""
     assert s.live is not None
     with h.Procs() as procs:
-        daemon = h.start_daemon(procs, db.dsn)
+        daemon = h.start_daemon(procs, db.dsn, interval=interval)
         readers = h.start_readers(procs, db.dsn, s.live, 2)
         before = h.counters(db)
         cpu0 = h.server_cpu(db.dsn)
