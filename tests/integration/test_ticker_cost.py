@@ -94,3 +94,37 @@ def test_a_tick_where_the_clusters_identity_is_unknown_probes_indexes(pgfeed_con
             read = _event_rows_read_so_far(pgfeed_conn)
         assert read < 10  # of 60,001
         pgfeed_conn.execute("UPDATE pgfeed.ticks SET system_id = NULL WHERE id = (SELECT max(id) FROM pgfeed.ticks)")
+
+
+@pytest.mark.parametrize("plans", ["auto", "force_generic_plan"])
+def test_a_woken_readers_read_probes_the_ticks_index(pgfeed_conn: Conn, plans: str) -> None:
+    # A reader's one statement per wake-up lists the ticks from its known head
+    # on. With "id >= known" alone, statistics gathered while the table was
+    # small (a young database, until autovacuum analyzes it again) made a
+    # plan that reads and sorts every tick look cheapest (0008; 0009 bounds
+    # the range on both sides). Without the fix this fails under "auto".
+    admin.create_stream(pgfeed_conn, "s")
+    pgfeed_conn.execute("ALTER TABLE pgfeed.ticks SET (autovacuum_enabled = off)")  # keep the statistics stale
+    pgfeed_conn.execute("ANALYZE pgfeed.ticks")  # of a table with a tick or two
+    pgfeed_conn.execute(
+        "INSERT INTO pgfeed.ticks (id, snap, taken_at, seq_lo, seq_hi, term, system_id, fp)"
+        " SELECT t.id - i, t.snap, t.taken_at, t.seq_lo, t.seq_hi, t.term, t.system_id, t.fp"
+        "   FROM (SELECT * FROM pgfeed.ticks ORDER BY id LIMIT 1) t, generate_series(1, 3000) i"
+    )  # older copies of the first tick: only the table's size matters here
+    known = take_tick(pgfeed_conn).tick
+    pgfeed.append(pgfeed_conn, "s", {"n": 1})
+    take_tick(pgfeed_conn)
+    pgfeed_conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plans)))
+    for _ in range(2):  # the second with the plan cached by the first
+        with pgfeed_conn.transaction():
+            found = pgfeed_conn.execute(
+                "SELECT * FROM pgfeed.read_live_v4(%s, %s::text[], %s::bigint[], %s::integer)",
+                (known, ["s"], [known], 100),
+            ).fetchall()
+            (read,) = pgfeed_conn.execute(
+                "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables"
+                " WHERE schemaname = 'pgfeed' AND relname = 'ticks'"
+            ).fetchone()  # type: ignore[misc]
+        assert [r[8] for r in found if r[8] is not None] == [{"n": 1}]  # the new row, prefetched
+        assert [r[0] for r in found if r[2] is None and r[3] is None] == [known, known + 1]  # the ticks listed
+        assert read < 100, read  # of 3,000 and more
