@@ -70,9 +70,9 @@ def split_line() -> list[str]:
         return []
     db, app = (",".join(map(str, sorted(c))) for c in h.SPLIT)
     return [
-        f"**CPUs split** (`--split-cpus`): the server, pgbench and the paced writers on CPU {db}; pgfeed's daemon, "
-        f"readers and listeners on CPU {app}, as if they ran on an application host. Every cell, plain ones "
-        "included, runs that way.",
+        f"**CPUs split** (`--split-cpus`): the server, pgbench and the paced writers on CPUs {{{db}}}; pgfeed's "
+        f"daemon, readers and listeners on CPUs {{{app}}}, as if they ran on an application host. Every cell, plain "
+        "ones included, runs that way.",
         "",
     ]
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -50,6 +51,8 @@ def split_cpus() -> tuple[frozenset[int], frozenset[int]]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit(f"bench: --split-cpus needs at least 2 CPUs, this process may use {len(cpus)}")
+    if shutil.which("taskset") is None:
+        raise SystemExit("bench: --split-cpus runs pgbench through taskset (util-linux), which is not installed")
     half = len(cpus) // 2
     return frozenset(cpus[:half]), frozenset(cpus[half:])
 
@@ -76,8 +79,12 @@ def pin_server(dsn: str) -> int:
             if entry.isdigit() and int(_stat_fields(int(entry))[1]) == postmaster:
                 pinned.append(int(entry))
     for pid in pinned:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             pin(pid, "db")
+        except ProcessLookupError:
+            continue  # ended meanwhile
+        except PermissionError:
+            raise SystemExit(f"bench: --split-cpus may not pin the server's process {pid}: run as root") from None
     return len(pinned)
 
 
@@ -129,7 +136,8 @@ class Procs:
         out = CTX.Queue()
         p = CTX.Process(target=_child, args=(fn, out, args), daemon=True, name=name)
         p.start()
-        pin(p.pid, side)
+        with contextlib.suppress(ProcessLookupError):  # it died at once: result() says why
+            pin(p.pid, side)
         child = Child(name, p, out)
         self.children.append(child)
         return child
