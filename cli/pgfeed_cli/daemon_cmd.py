@@ -28,7 +28,13 @@ def _duration(what: str, text: str, *, allow_off: bool = False) -> float | None:
 @click.option(
     "--lease", default="10s", show_default=True, help="How long a dead leader keeps the lease (failover bound)."
 )
-@click.option("--interval", default="1ms", show_default=True, help="Tick check cadence while rows keep arriving.")
+@click.option(
+    "--interval",
+    default="1ms",
+    show_default=True,
+    help="Tick check cadence while rows keep arriving: longer means fewer ticks under heavy writes (less work "
+    "for the database per row) and more latency.",
+)
 @click.option("--idle-interval", default="50ms", show_default=True, help="Longest wait in the server for a change.")
 @click.option(
     "--retention", default="7d", show_default=True, help="Keep events and ticks this long ('off': keep everything)."
