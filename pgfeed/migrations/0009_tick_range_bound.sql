@@ -9,8 +9,8 @@
 -- "id >= $1" at a third of the table whatever the statistics, and
 -- statistics gathered while the table was nearly empty misled custom plans
 -- too. Seen on the benchmark's fresh databases (a reader's read cost
--- 445-800 us of server CPU where it now costs 300-470) and in a test with
--- such statistics (3,012 tick rows read per call). The listing is now
+-- 445-460 us of server CPU at one row a tick where it now costs 300-345)
+-- and in a test with such statistics (3,012 tick rows read per call). The listing is now
 -- bounded on both sides (id < known + 1000), which plans as an index range.
 -- While the known tick exists these are the same ticks (each tick's id is
 -- the newest one's plus one, so ids are consecutive; pruning removes only
