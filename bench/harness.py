@@ -69,15 +69,8 @@ def pin_server(dsn: str) -> int:
     were pinned; 0 without :data:`SPLIT`."""
     if SPLIT is None:
         return 0
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    postmaster = int(_stat_fields(int(row[0]))[1])
-    pinned = [postmaster]
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if entry.isdigit() and int(_stat_fields(int(entry))[1]) == postmaster:
-                pinned.append(int(entry))
+    postmaster, children = server_processes(dsn)
+    pinned = [postmaster, *children]
     for pid in pinned:
         try:
             pin(pid, "db")
@@ -466,26 +459,36 @@ def process_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_processes(dsn: str) -> tuple[int, list[int]]:
+    """The local server's postmaster (a backend's parent, from /proc) and its
+    live children (backends, WAL writer, checkpointer...)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        # While the connection is open: its backend exits when it closes.
+        postmaster = int(_stat_fields(int(row[0]))[1])
+    children = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.isdigit() and int(_stat_fields(int(entry))[1]) == postmaster:
+                children.append(int(entry))
+    return postmaster, children
+
+
 def server_cpu(dsn: str) -> float | None:
     """CPU seconds the server's processes have used so far: the postmaster,
-    the children it reaped (backends that ended) and the live ones (backends,
-    WAL writer, checkpointer...). None when the server does not run on this
-    machine (``--dsn`` elsewhere) or /proc cannot tell."""
+    the children it reaped (backends that ended) and the live ones. None when
+    the server does not run on this machine (``--dsn`` elsewhere) or /proc
+    cannot tell."""
     tick = os.sysconf("SC_CLK_TCK")
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None
-        postmaster = int(_stat_fields(int(row[0]))[1])  # the backend's parent
+        postmaster, children = server_processes(dsn)
         f = _stat_fields(postmaster)
         own_and_reaped = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
         live = 0.0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        for pid in children:
             with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(_stat_fields(int(entry))[1]) == postmaster:
-                    live += process_cpu(int(entry))
+                live += process_cpu(pid)
     except (OSError, IndexError, ValueError, psycopg.Error):
         return None
     return own_and_reaped / tick + live

